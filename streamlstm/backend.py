@@ -1,0 +1,139 @@
+"""Backend selection: the one place that asks whether CUDA exists.
+
+A backend steps a `ModelBank`: `train(bank, slots, x, scale) -> (loss, status)` and
+`forward(bank, slots, x) -> status`. Host backends work on the bank's NumPy arrays in
+place; a device backend keeps mirrors and implements `attach` (upload after the bank
+(re)allocated), `sync` (download everything) and `sync_pred` (download predictions).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BACKENDS = ("auto", "cpu", "cuda", "numpy")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+class _HostBackend:
+    """Arrays live in the bank: nothing to upload or download."""
+
+    def attach(self, bank):
+        pass
+
+    def sync(self, bank):
+        pass
+
+    def sync_pred(self, bank):
+        pass
+
+
+class NumpyBackend(_HostBackend):
+    """The pure-NumPy reference: slow, dependency-free, the oracle."""
+
+    name = "numpy"
+
+    def train(self, bank, slots, x, scale):
+        from . import reference
+
+        return reference.step_train(bank.spec, bank, slots, x, scale, bank.shared)
+
+    def forward(self, bank, slots, x):
+        from . import reference
+
+        return reference.step_forward(bank.spec, bank, slots, x, bank.shared)
+
+
+class CpuBackend(_HostBackend):
+    """Numba CPU kernels; serial below `parallel_min_batch` sensors, `prange` from there."""
+
+    name = "cpu"
+
+    def __init__(self, parallel_min_batch: int = 64, chunks_per_thread: int = 4):
+        from numba import get_num_threads
+
+        from . import kernels_cpu
+        from .lstm_math import hyper_arrays
+
+        self._k = kernels_cpu
+        self._hyper_arrays = hyper_arrays
+        self._hyper = {}
+        self.parallel_min_batch = parallel_min_batch
+        # Read here, in Python: calling get_num_threads() inside a cached parallel
+        # kernel silently disables its cache.
+        self._threads = get_num_threads()
+        self._chunks_per_thread = chunks_per_thread
+
+    def _hp(self, spec):
+        if spec not in self._hyper:
+            self._hyper[spec] = self._hyper_arrays(spec)
+        return self._hyper[spec]
+
+    def _chunks(self, batch: int) -> int:
+        if batch < self.parallel_min_batch or self._threads <= 1:
+            return 0
+        return min(batch, self._threads * self._chunks_per_thread)
+
+    def train(self, bank, slots, x, scale):
+        hp, ip = self._hp(bank.spec)
+        B = len(slots)
+        loss = np.empty(B)
+        status = np.zeros(B, np.int64)
+        args = (
+            bank.shared, slots, x, np.ascontiguousarray(scale, dtype=np.float64), bank.theta, bank.m, bank.v,
+            bank.adam_t, bank.offs, hp, ip, bank.ring_x, bank.ring_h, bank.ring_c, bank.ring_pos, bank.ring_len,
+            loss, status,
+        )
+        chunks = self._chunks(B)
+        if chunks:
+            self._k.train_batch_parallel(*args, chunks)
+        else:
+            self._k.train_batch_serial(*args)
+        return loss, status
+
+    def forward(self, bank, slots, x):
+        B = len(slots)
+        status = np.zeros(B, np.int64)
+        args = (
+            slots, bank.weight_rows(slots), x, bank.theta, bank.offs, float(bank.spec.input_clip), bank.h, bank.c,
+            bank.ring_x, bank.ring_h, bank.ring_c, bank.ring_pos, bank.ring_len, bank.pred, status,
+        )
+        chunks = self._chunks(B)
+        if chunks:
+            self._k.forward_batch_parallel(*args, chunks)
+        else:
+            self._k.forward_batch_serial(*args)
+        return status
+
+
+def cuda_available() -> bool:
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver or toolkit is "no CUDA", not a crash
+        return False
+
+
+def make_backend(kind: str = "auto", parallel_min_batch: int = 64, cuda_min_batch: int = 4096, expected_batch: int = 0):
+    """Build the backend named by config `backend.kind`.
+
+    `auto` takes CUDA only where a device exists and the expected batch (the group's
+    sensor count) reaches `cuda_min_batch`; below that launch and transfer overheads make
+    the CPU faster. Asking for `cuda` without a device fails here, at start.
+    """
+    if kind not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {kind!r}")
+    if kind == "numpy":
+        return NumpyBackend()
+    if kind == "cuda" or (kind == "auto" and expected_batch >= cuda_min_batch and cuda_available()):
+        if not cuda_available():
+            raise BackendUnavailable(
+                "backend.kind is 'cuda' but no CUDA device is usable (install the 'cuda' extra and a driver, "
+                "or set backend.kind to auto or cpu)"
+            )
+        from .kernels_cuda import CudaBackend
+
+        return CudaBackend()
+    return CpuBackend(parallel_min_batch=parallel_min_batch)

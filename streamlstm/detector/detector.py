@@ -1,0 +1,226 @@
+"""Detector: routes readings to model groups and steps each group once per batch.
+
+Used the same way by the daemon and by `streamlstm replay`, so both give identical scores
+for the same readings. River-style single-reading calls (`score_one`, `learn_one`) are
+thin wrappers over the batched path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+import numpy as np
+
+from ..spec import ModelSpec
+from .group import OK, BatchResult, GroupDetector
+from .settings import DetectorSettings
+
+WEIGHTS = ("shared", "per_sensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    name: str = "default"
+    match: str = "*"
+    weights: str = "shared"
+    model: dict = dataclasses.field(default_factory=dict)  # ModelSpec fields but input_size
+    detector: DetectorSettings = DetectorSettings()
+
+    def spec(self, input_size: int) -> ModelSpec:
+        names = {f.name for f in dataclasses.fields(ModelSpec)}
+        kwargs = {k: v for k, v in dict(self.model).items() if k in names and k != "input_size"}
+        return ModelSpec(input_size=input_size, **kwargs)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one reading produced (sensor units)."""
+
+    sensor: str
+    group: str | None
+    timestamp: float
+    value: list
+    prediction: list
+    residual: list
+    score: float
+    is_anomaly: bool
+    threshold: float
+    reason: str = OK  # "" accepted, else why it was rejected
+
+
+@dataclasses.dataclass
+class DetectorBatch:
+    """Results of `Detector.process`, aligned with the input readings."""
+
+    sensors: list
+    timestamps: np.ndarray
+    groups: list
+    reason: list
+    score: np.ndarray
+    alert: np.ndarray
+    is_anomaly: np.ndarray
+    threshold: np.ndarray
+    prediction: np.ndarray  # (B, O_max) NaN-padded
+    residual: np.ndarray
+    band: np.ndarray
+    values: list
+    events: list  # (kind, Incident)
+    resets: list  # (group, sensor, reason)
+    losses: dict  # group -> mean training loss of this batch (NaN if none)
+
+    def outcome(self, i: int) -> Outcome:
+        width = len(self.values[i]) if self.groups[i] is None else self._width(i)
+        return Outcome(
+            self.sensors[i], self.groups[i], float(self.timestamps[i]), list(self.values[i]),
+            self.prediction[i, :width].tolist(), self.residual[i, :width].tolist(), float(self.score[i]),
+            bool(self.is_anomaly[i]), float(self.threshold[i]), self.reason[i],
+        )
+
+    def _width(self, i):
+        row = self.prediction[i]
+        finite = np.flatnonzero(~np.isnan(row))
+        return int(finite[-1]) + 1 if len(finite) else 1
+
+    def __len__(self):
+        return len(self.sensors)
+
+
+class Detector:
+    def __init__(self, groups, backend_factory, max_sensors: int = 100_000):
+        """groups: GroupConfig list (first match wins; a '*' group is appended if none
+        catches everything). backend_factory(group_name) -> a backend for that group's bank."""
+        groups = list(groups)
+        if not any(g.match == "*" for g in groups):
+            groups.append(GroupConfig())
+        names = [g.name for g in groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"group names must be unique: {names}")
+        for g in groups:
+            if g.weights not in WEIGHTS:
+                raise ValueError(f"group {g.name!r}: weights must be one of {WEIGHTS}")
+        self.groups = groups
+        self.backend_factory = backend_factory
+        self.max_sensors = max_sensors
+        self.active: dict[str, GroupDetector] = {}
+        self._route: dict[str, GroupConfig] = {}
+
+    # --- routing ----------------------------------------------------------------------
+
+    def group_for(self, sensor: str) -> GroupConfig:
+        g = self._route.get(sensor)
+        if g is None:
+            g = next(g for g in self.groups if fnmatch.fnmatchcase(sensor, g.match))
+            self._route[sensor] = g
+        return g
+
+    def _detector(self, group: GroupConfig, width: int) -> GroupDetector | None:
+        det = self.active.get(group.name)
+        if det is None:
+            det = GroupDetector(group.name, group.spec(width), group.detector, group.weights == "shared",
+                                self.backend_factory(group.name))
+            self.active[group.name] = det
+        return det if det.spec.input_size == width else None
+
+    def sensor_count(self) -> int:
+        return sum(len(d.names) for d in self.active.values())
+
+    # --- stepping ---------------------------------------------------------------------
+
+    def process(self, readings) -> DetectorBatch:
+        """Readings with `.sensor`, `.timestamp`, `.values` (a sequence of floats)."""
+        B = len(readings)
+        sensors = [r.sensor for r in readings]
+        values = [tuple(r.values) for r in readings]
+        reason = [OK] * B
+        per_group: dict[str, list] = {}
+        known = self.sensor_count()
+        new_sensors = set()
+        for i, r in enumerate(readings):
+            group = self.group_for(r.sensor)
+            det = self._detector(group, len(values[i]))
+            if det is None:
+                reason[i] = "wrong_arity"
+                continue
+            if r.sensor not in det.sensors and r.sensor not in new_sensors:
+                if known + len(new_sensors) >= self.max_sensors:
+                    reason[i] = "sensor_cap"
+                    continue
+                new_sensors.add(r.sensor)
+            per_group.setdefault(group.name, []).append(i)
+
+        o_max = max([d.spec.output_size for d in self.active.values()] + [1])
+        batch = DetectorBatch(
+            sensors, np.array([r.timestamp for r in readings], dtype=np.float64), [None] * B, reason,
+            np.zeros(B), np.zeros(B), np.zeros(B, bool), np.zeros(B), np.full((B, o_max), np.nan), np.full((B, o_max), np.nan),
+            np.full((B, o_max), np.nan), values, [], [], {},
+        )
+        for name, idx in per_group.items():
+            det = self.active[name]
+            idx = np.asarray(idx)
+            res: BatchResult = det.process([sensors[i] for i in idx], batch.timestamps[idx], [values[i] for i in idx])
+            O = det.spec.output_size
+            for j, i in enumerate(idx):
+                batch.groups[i] = name
+                batch.reason[i] = res.reason[j]
+            batch.score[idx] = res.score
+            batch.alert[idx] = res.alert
+            batch.is_anomaly[idx] = res.is_anomaly
+            batch.threshold[idx] = res.threshold
+            batch.prediction[idx, :O] = res.prediction
+            batch.residual[idx, :O] = res.residual
+            batch.band[idx, :O] = res.band
+            batch.events.extend(res.events)
+            batch.resets.extend((name, sensor, why) for sensor, why in res.resets)
+            trained = res.loss[~np.isnan(res.loss)]
+            batch.losses[name] = float(trained.mean()) if len(trained) else float("nan")
+        return batch
+
+    def learn_one(self, sensor: str, timestamp: float, values) -> Outcome:
+        """Score one reading, then learn from it (river's score_one + learn_one in one step:
+        an online LSTM must see every reading to carry its state)."""
+        return self.process([_Reading(sensor, timestamp, tuple(np.atleast_1d(values)))]).outcome(0)
+
+    def score_one(self, sensor: str, values) -> float | None:
+        """Residual score of a hypothetical next reading, without changing any state."""
+        group = self.group_for(sensor)
+        det = self.active.get(group.name)
+        if det is None or sensor not in det.sensors:
+            return None
+        slot = np.array([det.sensors[sensor]])
+        z = det.scaler.transform(slot, np.atleast_2d(np.asarray(values, dtype=np.float64)))
+        pred = det.bank.predict(slot)
+        raw = np.sqrt(np.mean((z[:, det._outputs] - pred) ** 2, axis=1))
+        score, _ = det.scorer.score(slot, raw)
+        return float(score[0])
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict, dict]:
+        arrays, meta = {}, {"groups": {}}
+        for name, det in self.active.items():
+            a, m = det.state_dict()
+            arrays.update({f"{name}/{k}": v for k, v in a.items()})
+            meta["groups"][name] = m
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict, meta: dict):
+        """Restore groups still in the config; raises ValueError on a model-shape change."""
+        by_name = {g.name: g for g in self.groups}
+        for name, m in meta["groups"].items():
+            group = by_name.get(name)
+            if group is None:
+                continue  # the group was removed from the config: its sensors start fresh
+            width = int(m["shape"][0])
+            det = GroupDetector(name, group.spec(width), group.detector, group.weights == "shared",
+                                self.backend_factory(name))
+            prefix = f"{name}/"
+            det.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, m)
+            self.active[name] = det
+        self._route.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reading:
+    sensor: str
+    timestamp: float
+    values: tuple

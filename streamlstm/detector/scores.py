@@ -1,0 +1,269 @@
+"""Residual -> anomaly score in [0, 1], vectorised over a batch of sensor slots.
+
+Scores are tail probabilities p on a log scale: with L = -log10 p, `score = L / (L + 5)`,
+so p = 1e-5 gives 0.5, p = 1e-10 gives 0.67, and smaller p keep ranking closer to 1
+without reaching it (a benchmark that picks one threshold needs resolution at the top).
+That makes scores comparable across sensors of any scale and sparse, unlike a raw
+|residual|. Every scorer keeps per-slot state in arrays and scores *before* updating it,
+so a reading never influences its own score (no look-ahead).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, vectorize
+
+HALF_L = 5.0  # score 0.5 at p = 1e-5
+LN10 = math.log(10.0)
+
+
+@vectorize(["float64(float64)"], cache=True, nopython=True)
+def neg_log10_upper_tail(z):
+    """-log10 Q(z) of the Gaussian upper tail; asymptotic series where erfc would underflow."""
+    if z < 8.0:
+        return -math.log10(max(0.5 * math.erfc(z / math.sqrt(2.0)), 1e-300))
+    inv2 = 1.0 / (z * z)
+    return (0.5 * z * z + math.log(z * math.sqrt(2.0 * math.pi)) - math.log(1.0 - inv2 + 3.0 * inv2 * inv2)) / LN10
+
+
+def log10_tail_to_score(neg_log10_p: np.ndarray) -> np.ndarray:
+    L = np.maximum(neg_log10_p, 0.0)
+    return L / (L + HALF_L)
+
+
+def score_to_tail(score: float) -> float:
+    return 10.0 ** (-HALF_L * score / (1.0 - score))
+
+
+@njit(cache=True)
+def _z_for_tail(p):
+    # Invert the Gaussian upper tail by bisection (only used for the reported band).
+    lo, hi = -10.0, 40.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * math.erfc(mid / math.sqrt(2.0)) > p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def z_for_score(score: float) -> float:
+    return float(_z_for_tail(score_to_tail(score)))
+
+
+class LikelihoodScorer:
+    """Anomaly likelihood of the smoothed residual under its recent distribution.
+
+    raw = |residual| (RMS over outputs, scaled units); m = EWMA of raw over ~short_window;
+    its mean and variance are tracked twice, over ~long_window and over ~long_window/10,
+    and the smaller of each is used: while the model is still learning, residuals fall
+    and the fast pair forgets that phase quickly; when an anomaly raises them, the slow
+    pair still remembers what normal was. p = Q((m - mean) / sigma), scored before the
+    moments are updated (with `weight`, lowered by learning protection during incidents).
+    """
+
+    STATE = ("smooth", "mean", "var", "fmean", "fvar", "count")
+
+    def __init__(self, short_window: int, long_window: int, min_scale: float):
+        self.a_short = 2.0 / (short_window + 1.0)
+        self.long_window = long_window
+        self.fast_window = max(long_window / 10.0, 1.0)
+        self.min_scale = min_scale
+        for name in self.STATE:
+            setattr(self, name, np.zeros(0))
+
+    def grow(self, n: int):
+        extra = n - len(self.smooth)
+        if extra > 0:
+            for name in self.STATE:
+                setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
+
+    def _moments(self, slots):
+        mean = np.minimum(self.mean[slots], self.fmean[slots])
+        var = np.minimum(self.var[slots], self.fvar[slots])
+        return mean, np.maximum(np.sqrt(var), self.min_scale + 0.1 * mean)
+
+    def score(self, slots, raw):
+        m = np.where(self.count[slots] > 0, self.smooth[slots] + self.a_short * (raw - self.smooth[slots]), raw)
+        mean, sigma = self._moments(slots)
+        z = (m - mean) / sigma
+        return log10_tail_to_score(neg_log10_upper_tail(z)), m
+
+    def update(self, slots, smoothed, weight):
+        self.smooth[slots] = smoothed
+        n = self.count[slots] + weight
+        exact = np.where(n > 0, weight / np.maximum(n, 1e-12), 0.0)
+        for mean_name, var_name, window in (("mean", "var", self.long_window), ("fmean", "fvar", self.fast_window)):
+            alpha = np.maximum(exact, weight / window)
+            mean, var = getattr(self, mean_name), getattr(self, var_name)
+            delta = smoothed - mean[slots]
+            mean[slots] += alpha * delta
+            var[slots] = (1 - alpha) * (var[slots] + alpha * delta * delta)
+        self.count[slots] = np.minimum(n, self.long_window)
+
+    def band(self, slots, threshold: float):
+        """Smoothed |residual| (scaled units) at which the score reaches `threshold`."""
+        mean, sigma = self._moments(slots)
+        return mean + z_for_score(threshold) * sigma
+
+    def reset(self, slots):
+        self.smooth[slots] = np.minimum(self.mean[slots], self.fmean[slots])
+
+
+class KSigmaScorer(LikelihoodScorer):
+    """Plain k-sigma on the instantaneous residual: the score crosses the threshold at k sigma."""
+
+    def __init__(self, ksigma: float, long_window: int, min_scale: float):
+        super().__init__(short_window=1, long_window=long_window, min_scale=min_scale)
+        self.ksigma = ksigma
+
+    def score(self, slots, raw):
+        mean, sigma = self._moments(slots)
+        return log10_tail_to_score(neg_log10_upper_tail((raw - mean) / sigma)), raw
+
+    def threshold_score(self) -> float:
+        return float(log10_tail_to_score(neg_log10_upper_tail(np.array([self.ksigma])))[0])
+
+
+class DynamicScorer:
+    """Telemanom-style nonparametric dynamic threshold (Hundman et al., KDD 2018).
+
+    Errors are EWMA-smoothed and kept in a trailing window per slot; every `refit_every`
+    readings the threshold eps = mu + z*sigma is searched over z in 2..10 to maximise
+    (dmu/mu + dsigma/sigma) / (#anomalous + #sequences^2); sequences whose peak does not
+    exceed the next-highest by `prune` are dropped (raising eps). Score = threshold *
+    e/eps below eps and threshold + (1 - threshold)(1 - eps/e) above: monotone, and equal
+    to the configured threshold exactly at eps.
+    """
+
+    STATE = ("smooth", "errors", "pos", "filled", "eps", "since")
+
+    def __init__(self, long_window: int, short_window: int, threshold: float, min_scale: float,
+                 refit_every: int = 50, prune: float = 0.13):
+        self.window = long_window
+        self.a_short = 2.0 / (short_window + 1.0)
+        self.threshold = threshold
+        self.min_scale = min_scale
+        self.refit_every = refit_every
+        self.prune = prune
+        self.smooth = np.zeros(0)
+        self.errors = np.zeros((0, long_window))
+        self.pos = np.zeros(0, np.int64)
+        self.filled = np.zeros(0, np.int64)
+        self.eps = np.zeros(0)
+        self.since = np.zeros(0, np.int64)
+
+    def grow(self, n: int):
+        extra = n - len(self.smooth)
+        if extra > 0:
+            self.smooth = np.concatenate([self.smooth, np.zeros(extra)])
+            self.errors = np.concatenate([self.errors, np.zeros((extra, self.window))])
+            self.pos = np.concatenate([self.pos, np.zeros(extra, np.int64)])
+            self.filled = np.concatenate([self.filled, np.zeros(extra, np.int64)])
+            self.eps = np.concatenate([self.eps, np.full(extra, np.inf)])
+            self.since = np.concatenate([self.since, np.zeros(extra, np.int64)])
+
+    def score(self, slots, raw):
+        e = np.where(self.filled[slots] > 0, self.smooth[slots] + self.a_short * (raw - self.smooth[slots]), raw)
+        eps = np.maximum(self.eps[slots], self.min_scale)
+        thr = self.threshold
+        with np.errstate(divide="ignore", invalid="ignore"):
+            below = thr * e / eps
+            above = thr + (1 - thr) * (1 - eps / np.maximum(e, 1e-300))
+        score = np.where(e < eps, below, above)
+        return np.clip(np.nan_to_num(score, nan=0.0), 0.0, 1.0), e
+
+    def update(self, slots, smoothed, weight):
+        self.smooth[slots] = smoothed
+        keep = weight > 0
+        for s, e in zip(slots[keep], smoothed[keep]):
+            self.errors[s, self.pos[s]] = e
+            self.pos[s] = (self.pos[s] + 1) % self.window
+            self.filled[s] = min(self.filled[s] + 1, self.window)
+            self.since[s] += 1
+            if self.since[s] >= self.refit_every and self.filled[s] >= 10:
+                self.since[s] = 0
+                self.eps[s] = self.fit(self.errors[s, : self.filled[s]])
+
+    def fit(self, errors: np.ndarray) -> float:
+        mu, sd = errors.mean(), errors.std()
+        if sd <= 0:
+            return float(mu + self.min_scale)
+        best, best_eps = -np.inf, float(mu + 10 * sd)
+        for z in np.arange(2.0, 10.5, 0.5):
+            eps = mu + z * sd
+            below = errors[errors < eps]
+            above = errors >= eps
+            if not above.any() or len(below) == 0:
+                continue
+            n_seq = int(np.sum(np.diff(np.concatenate([[0], above.astype(np.int8)])) == 1))
+            value = ((mu - below.mean()) / mu + (sd - below.std()) / sd) / (above.sum() + n_seq**2)
+            if value > best:
+                best, best_eps = value, eps
+        return float(self._prune(errors, best_eps))
+
+    def _prune(self, errors, eps):
+        # Drop weak anomalous sequences: raise eps to the peak of the strongest pruned one.
+        above = errors >= eps
+        if not above.any():
+            return eps
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], above.astype(np.int8), [0]])))
+        peaks = sorted((errors[a:b].max() for a, b in zip(edges[::2], edges[1::2])), reverse=True)
+        peaks.append(errors[~above].max() if (~above).any() else 0.0)
+        for i in range(len(peaks) - 1):
+            if peaks[i] > 0 and (peaks[i] - peaks[i + 1]) / peaks[i] < self.prune:
+                # this and every smaller sequence are noise
+                return max(eps, peaks[i] * (1 + 1e-9))
+        return eps
+
+    def band(self, slots, threshold: float):
+        return np.maximum(self.eps[slots], self.min_scale)
+
+    def reset(self, slots):
+        self.smooth[slots] = 0.0
+
+
+class StuckScorer:
+    """A sensor that stops changing: the probability of the current run of identical values.
+
+    p_repeat is the (decayed) share of readings equal to their predecessor before the current
+    run; Q = p_repeat ** run. Sensors that never varied (a flat line from the start) or that
+    often repeat (quantised) are not flagged; a noisy sensor that freezes is, within a few
+    readings.
+    """
+
+    STATE = ("last", "run", "repeats", "changes")
+
+    def __init__(self, horizon: int, min_changes: int = 20):
+        self.decay = 1.0 - 1.0 / horizon
+        self.min_changes = min_changes
+        self.last = np.zeros((0, 1))
+        self.run = np.zeros(0)
+        self.repeats = np.zeros(0)
+        self.changes = np.zeros(0)
+
+    def grow(self, n: int, width: int):
+        extra = n - len(self.run)
+        if extra > 0:
+            self.last = np.concatenate([self.last.reshape(-1, width), np.full((extra, width), np.nan)])
+            self.run = np.concatenate([self.run, np.zeros(extra)])
+            self.repeats = np.concatenate([self.repeats, np.zeros(extra)])
+            self.changes = np.concatenate([self.changes, np.zeros(extra)])
+
+    def score_and_update(self, slots, values):
+        same = np.all(values == self.last[slots], axis=1)
+        run = np.where(same, self.run[slots] + 1, 0.0)
+        reps, chg = self.repeats[slots], self.changes[slots]
+        p_rep = (reps + 1.0) / (reps + chg + 2.0)
+        with np.errstate(divide="ignore"):
+            log10_q = run * np.log10(p_rep)
+        score = np.where(chg >= self.min_changes, log10_tail_to_score(-log10_q), 0.0)
+        # History counts only readings before the current run: when a run ends, it joins.
+        ended = ~same & (self.run[slots] > 0)
+        self.repeats[slots] = np.where(ended, reps * self.decay + self.run[slots], reps)
+        self.changes[slots] = np.where(~same, chg * self.decay + 1.0, chg)
+        self.run[slots] = run
+        self.last[slots] = values
+        return score

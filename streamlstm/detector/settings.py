@@ -1,0 +1,53 @@
+"""Detector settings: the `detector:` section of the YAML config, with its defaults."""
+from __future__ import annotations
+
+import dataclasses
+
+SCALINGS = ("running", "fixed")
+SCORES = ("likelihood", "ksigma", "dynamic")
+PROTECTIONS = ("off", "skip", "damp")
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSettings:
+    scaling: str = "running"
+    scale_min: float | None = None
+    scale_max: float | None = None
+    scaling_warmup: int = 50
+    scaling_horizon: int = 5000
+    warmup: int = 200
+    score: str = "likelihood"
+    threshold: float = 0.5
+    short_window: int = 10
+    long_window: int = 1000
+    ksigma: float = 4.0
+    min_residual_scale: float = 0.05
+    stuck_detection: bool = True
+    min_duration: int = 1
+    hysteresis: float = 0.9
+    cooldown: int = 50
+    learning_protection: str = "damp"
+    damp_factor: float = 0.1
+    gap_reset_intervals: float = 10.0
+
+    def __post_init__(self):
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}")
+        if self.learning_protection not in PROTECTIONS:
+            raise ValueError(f"learning_protection must be one of {PROTECTIONS}")
+        if self.scaling == "fixed" and not (
+            self.scale_min is not None and self.scale_max is not None and self.scale_min < self.scale_max
+        ):
+            raise ValueError("scaling: fixed needs scale_min < scale_max")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError("threshold must be in (0, 1)")
+
+    @classmethod
+    def from_mapping(cls, mapping) -> "DetectorSettings":
+        """From a config section (a dataclass or a dict); keys that are not settings are ignored."""
+        if dataclasses.is_dataclass(mapping):
+            mapping = dataclasses.asdict(mapping)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in mapping.items() if k in names})

@@ -1,0 +1,33 @@
+"""Builds the detector a config describes (shared by the daemon, replay and warmup)."""
+from __future__ import annotations
+
+import dataclasses
+
+from .backend import make_backend
+from .detector import Detector, DetectorSettings, GroupConfig
+
+
+def group_configs(config) -> list[GroupConfig]:
+    return [
+        GroupConfig(
+            name=g.name,
+            match=g.match,
+            weights=g.weights,
+            model=dataclasses.asdict(g.model),
+            detector=DetectorSettings.from_mapping(g.detector),
+        )
+        for g in config.groups
+    ]
+
+
+def build_detector(config, backend_kind: str | None = None) -> Detector:
+    b = config.backend
+    kind = backend_kind or b.kind
+    cap = config.pipeline.max_sensors
+
+    def backend_for(group_name: str):
+        # A group's expected batch is bounded by the sensor cap and the micro-batch size.
+        return make_backend(kind, b.parallel_min_batch, b.cuda_min_batch,
+                            expected_batch=min(cap, config.pipeline.max_batch))
+
+    return Detector(group_configs(config), backend_for, max_sensors=cap)

@@ -1,0 +1,168 @@
+"""Numba CPU kernels: batched forward and training steps over many sensors.
+
+Each kernel exists as a serial and a `prange` driver around the same per-sensor code
+(`lstm_math`). The batch is cut into `n_chunks` contiguous chunks so scratch memory is
+allocated once per chunk, not per sensor; the serial driver is one chunk. A slot must
+appear at most once per call (the bank guarantees it), so chunks never race.
+
+All kernels: cache=True (fill the cache with `streamlstm warmup`), nogil=True so the
+MQTT and HTTP threads keep running, no fastmath (inputs may be extreme; NaN checks matter).
+"""
+import numpy as np
+from numba import njit, prange
+from numba.extending import register_jitable
+
+from .lstm_math import (
+    HP_LR,
+    IP_OPTIMIZER,
+    STATUS_SKIPPED,
+    all_finite,
+    apply_update,
+    push_and_forward,
+    window_grad,
+)
+
+_JIT = dict(cache=True, nogil=True)
+
+
+# --- forward -------------------------------------------------------------------------
+
+
+@register_jitable
+def _forward_range(lo, hi, slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status):
+    H = h.shape[2]
+    gates = np.empty(4 * H, dtype=h.dtype)
+    buf = np.empty(max(H, x.shape[1]), dtype=h.dtype)
+    for b in range(lo, hi):
+        s = slots[b]
+        status[b] = push_and_forward(
+            s, x[b], theta[wrows[b]], offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, gates, buf
+        )
+
+
+@njit(**_JIT)
+def forward_batch_serial(slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status):
+    _forward_range(0, slots.shape[0], slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status)
+
+
+@njit(parallel=True, **_JIT)
+def forward_batch_parallel(
+    slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, n_chunks
+):
+    B = slots.shape[0]
+    for ch in prange(n_chunks):
+        lo = ch * B // n_chunks
+        hi = (ch + 1) * B // n_chunks
+        _forward_range(lo, hi, slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status)
+
+
+# --- training ------------------------------------------------------------------------
+
+
+@register_jitable
+def _scratch(T, I, O, L, H, P, dtype_like):
+    dt = dtype_like.dtype
+    return (
+        np.empty((T, I), dtype=dt),
+        np.empty((T, O), dtype=dt),
+        np.empty((T, L, 5, H), dtype=dt),
+        np.empty((T + 1, L, H), dtype=dt),
+        np.empty((T + 1, L, H), dtype=dt),
+        np.ones((T, L, H), dtype=dt),
+        np.empty((2, L, H), dtype=dt),
+        np.empty((5, max(4 * H, I)), dtype=dt),
+        np.empty(P, dtype=dt),
+    )
+
+
+@register_jitable
+def _train_range(
+    lo, hi, shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring_x, ring_h, ring_c, ring_pos, ring_len,
+    losses, status, acc, count, ch,
+):
+    """Per-sensor training for elements lo..hi. Shared weights: accumulate into acc[ch]."""
+    T = ring_x.shape[1]
+    I = ring_x.shape[2]
+    L = ring_h.shape[2]
+    H = ring_h.shape[3]
+    P = theta.shape[1]
+    O = offs[L, 2] - offs[L, 1]
+    xs, tg, acts, hs, cs, masks, rec, bufs, grad = _scratch(T, I, O, L, H, P, theta)
+    for b in range(lo, hi):
+        s = slots[b]
+        n = ring_len[s]
+        if scale[b] <= 0.0 or n == 0:
+            losses[b] = np.nan
+            continue
+        row = 0 if shared else s
+        step = adam_t[row] + 1
+        losses[b] = window_grad(
+            theta[row], offs, hp, ip, step, s, ring_x, ring_h, ring_c, ring_pos[s], n, x[b], grad,
+            xs, tg, acts, hs, cs, masks, rec, bufs,
+        )
+        if shared:
+            if not all_finite(grad):
+                status[b] = STATUS_SKIPPED
+                continue
+            w = scale[b]
+            for k in range(P):
+                acc[ch, k] += w * grad[k]
+            count[ch] += 1
+        elif apply_update(theta[s], m[s], v[s], grad, step, hp[HP_LR] * scale[b], hp, ip[IP_OPTIMIZER]):
+            adam_t[s] = step
+        else:
+            status[b] = STATUS_SKIPPED
+
+
+@register_jitable
+def _finish_shared(theta, m, v, adam_t, hp, ip, acc, count):
+    """Mean of the accumulated per-sensor gradients -> one shared update."""
+    total = 0
+    for ch in range(count.shape[0]):
+        total += count[ch]
+    if total == 0:
+        return
+    P = theta.shape[1]
+    mean = np.zeros(P, dtype=theta.dtype)
+    for ch in range(acc.shape[0]):
+        for k in range(P):
+            mean[k] += acc[ch, k]
+    inv = 1.0 / total
+    for k in range(P):
+        mean[k] *= inv
+    step = adam_t[0] + 1
+    if apply_update(theta[0], m[0], v[0], mean, step, hp[HP_LR], hp, ip[IP_OPTIMIZER]):
+        adam_t[0] = step
+
+
+@njit(**_JIT)
+def train_batch_serial(
+    shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status
+):
+    acc = np.zeros((1, theta.shape[1] if shared else 0), dtype=theta.dtype)
+    count = np.zeros(1, dtype=np.int64)
+    _train_range(
+        0, slots.shape[0], shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip,
+        ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, acc, count, 0,
+    )
+    if shared:
+        _finish_shared(theta, m, v, adam_t, hp, ip, acc, count)
+
+
+@njit(parallel=True, **_JIT)
+def train_batch_parallel(
+    shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status,
+    n_chunks,
+):
+    B = slots.shape[0]
+    acc = np.zeros((n_chunks, theta.shape[1] if shared else 0), dtype=theta.dtype)
+    count = np.zeros(n_chunks, dtype=np.int64)
+    for ch in prange(n_chunks):
+        lo = ch * B // n_chunks
+        hi = (ch + 1) * B // n_chunks
+        _train_range(
+            lo, hi, shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip,
+            ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, acc, count, ch,
+        )
+    if shared:
+        _finish_shared(theta, m, v, adam_t, hp, ip, acc, count)

@@ -1,0 +1,338 @@
+"""Per-sensor LSTM math on flat parameter rows, written once for the CPU kernels.
+
+Every function is `register_jitable`: the serial and the `prange` drivers in
+`kernels_cpu` call the same code, so the two cannot drift apart. Weight views are made
+once per layer (not per element) and every inner loop is a contiguous axpy or dot over
+the 4H gates, which LLVM vectorises.
+
+Hyper-parameters travel as two small arrays instead of a dozen scalars:
+  hp (float64): HP_* indices below;  ip (int64): IP_* indices below.
+"""
+import math
+
+import numpy as np
+from numba.extending import register_jitable
+
+from .scalar_math import adam_scale, clip_value, dropout_keep, loss_grad, loss_value, sigmoid_act, tanh_act
+
+HP_LR, HP_BETA1, HP_BETA2, HP_EPS, HP_GRAD_CLIP, HP_WEIGHT_DECAY, HP_DROPOUT, HP_HUBER_DELTA, HP_INPUT_CLIP = range(9)
+HP_SIZE = 9
+IP_OPTIMIZER, IP_LOSS, IP_SEED, IP_TARGET_LO = range(4)
+IP_SIZE = 4
+
+STATUS_OK, STATUS_RESET, STATUS_SKIPPED = 0, 1, 2
+
+
+def hyper_arrays(spec):
+    """(hp, ip) arrays the kernels take, from a ModelSpec."""
+    hp = np.zeros(HP_SIZE, dtype=np.float64)
+    hp[HP_LR] = spec.learning_rate
+    hp[HP_BETA1] = spec.beta1
+    hp[HP_BETA2] = spec.beta2
+    hp[HP_EPS] = spec.eps
+    hp[HP_GRAD_CLIP] = spec.grad_clip
+    hp[HP_WEIGHT_DECAY] = spec.weight_decay
+    hp[HP_DROPOUT] = spec.dropout
+    hp[HP_HUBER_DELTA] = spec.huber_delta
+    hp[HP_INPUT_CLIP] = spec.input_clip
+    ip = np.zeros(IP_SIZE, dtype=np.int64)
+    ip[IP_OPTIMIZER] = spec.optimizer_code
+    ip[IP_LOSS] = spec.loss_code
+    ip[IP_SEED] = spec.seed
+    ip[IP_TARGET_LO] = spec.target_index
+    return hp, ip
+
+
+@register_jitable
+def gate_preacts(Wx, inp, n_in, Wh, h, bias, gates):
+    """gates = bias + inp[:n_in] @ Wx + h @ Wh, as row axpys."""
+    G = gates.shape[0]
+    for k in range(G):
+        gates[k] = bias[k]
+    for i in range(n_in):
+        xi = inp[i]
+        for k in range(G):
+            gates[k] += xi * Wx[i, k]
+    for j in range(h.shape[0]):
+        hj = h[j]
+        for k in range(G):
+            gates[k] += hj * Wh[j, k]
+
+
+@register_jitable
+def forward_one(theta_row, offs, x, clip, h, c, pred, gates, buf):
+    """Advance one sensor's (h, c) (L, H) in place by reading x; write the next prediction."""
+    L = h.shape[0]
+    H = h.shape[1]
+    G = 4 * H
+    n_in = x.shape[0]
+    for i in range(n_in):
+        buf[i] = clip_value(x[i], clip)
+    for layer in range(L):
+        wx = offs[layer, 0]
+        wh = offs[layer, 1]
+        bo = offs[layer, 2]
+        Wx = theta_row[wx : wx + n_in * G].reshape((n_in, G))
+        Wh = theta_row[wh : wh + H * G].reshape((H, G))
+        gate_preacts(Wx, buf, n_in, Wh, h[layer], theta_row[bo : bo + G], gates)
+        for j in range(H):
+            ig = sigmoid_act(gates[j])
+            fg = sigmoid_act(gates[H + j])
+            gg = tanh_act(gates[2 * H + j])
+            og = sigmoid_act(gates[3 * H + j])
+            cn = fg * c[layer, j] + ig * gg
+            c[layer, j] = cn
+            h[layer, j] = og * tanh_act(cn)
+            buf[j] = h[layer, j]
+        n_in = H
+    O = pred.shape[0]
+    wy = offs[L, 0]
+    by = offs[L, 1]
+    Wy = theta_row[wy : wy + H * O].reshape((H, O))
+    for o in range(O):
+        pred[o] = theta_row[by + o]
+    for j in range(H):
+        hj = h[L - 1, j]
+        for o in range(O):
+            pred[o] += hj * Wy[j, o]
+
+
+@register_jitable
+def all_finite(a):
+    for v in a.ravel():
+        if not math.isfinite(v):
+            return False
+    return True
+
+
+@register_jitable
+def push_and_forward(s, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, gates, buf):
+    """One reading of slot s: remember (x, state) in the BPTT ring, then step. Returns status."""
+    T = ring_x.shape[1]
+    pos = ring_pos[s]
+    for i in range(x.shape[0]):
+        ring_x[s, pos, i] = clip_value(x[i], clip)
+    ring_h[s, pos] = h[s]
+    ring_c[s, pos] = c[s]
+    ring_pos[s] = (pos + 1) % T
+    if ring_len[s] < T:
+        ring_len[s] += 1
+    forward_one(theta_row, offs, x, clip, h[s], c[s], pred[s], gates, buf)
+    if all_finite(pred[s]) and all_finite(c[s]):
+        return STATUS_OK
+    reset_slot(s, h, c, ring_len, ring_pos, pred)
+    return STATUS_RESET
+
+
+@register_jitable
+def reset_slot(s, h, c, ring_len, ring_pos, pred):
+    h[s] = 0.0
+    c[s] = 0.0
+    ring_len[s] = 0
+    ring_pos[s] = 0
+    pred[s] = 0.0
+
+
+@register_jitable
+def window_grad(
+    theta_row, offs, hp, ip, step, s, ring_x, ring_h, ring_c, pos, n, x_new, grad, xs, tg, acts, hs, cs, masks, rec, bufs
+):
+    """Loss and gradient (into grad) of slot s's last n readings plus x_new as final target.
+
+    Scratch: xs (T, I), tg (T, O), acts (T, L, 5, H) = i, f, g, o, tanh(c), hs/cs (T+1, L, H),
+    masks (T, L, H), rec (2, L, H) recurrent dh/dc, bufs (5, max(4H, I)) rows: gates (da in
+    the backward pass), layer input, gradient from above, dh and dc of the current step.
+    """
+    T = ring_x.shape[1]
+    I = ring_x.shape[2]
+    L = hs.shape[1]
+    H = hs.shape[2]
+    G = 4 * H
+    O = tg.shape[1]
+    clip = hp[HP_INPUT_CLIP]
+    tlo = ip[IP_TARGET_LO]
+    loss_code = ip[IP_LOSS]
+    delta = hp[HP_HUBER_DELTA]
+    drop = hp[HP_DROPOUT]
+    use_dropout = drop > 0.0 and L > 1
+    keep = 1.0 - drop
+    inv_keep = 1.0 / keep
+    gates = bufs[0]
+    inp = bufs[1]
+    d_above = bufs[2]
+    start = (pos - n) % T
+    for k in range(n):
+        idx = (start + k) % T
+        for i in range(I):
+            xs[k, i] = ring_x[s, idx, i]
+    for k in range(n - 1):
+        for o in range(O):
+            tg[k, o] = xs[k + 1, tlo + o]
+    for o in range(O):
+        tg[n - 1, o] = clip_value(x_new[tlo + o], clip)
+    hs[0] = ring_h[s, start]
+    cs[0] = ring_c[s, start]
+
+    # Forward with caches.
+    for t in range(n):
+        n_in = I
+        for i in range(I):
+            inp[i] = xs[t, i]
+        for layer in range(L):
+            wx = offs[layer, 0]
+            wh = offs[layer, 1]
+            bo = offs[layer, 2]
+            Wx = theta_row[wx : wx + n_in * G].reshape((n_in, G))
+            Wh = theta_row[wh : wh + H * G].reshape((H, G))
+            gate_preacts(Wx, inp, n_in, Wh, hs[t, layer], theta_row[bo : bo + G], gates)
+            for j in range(H):
+                ig = sigmoid_act(gates[j])
+                fg = sigmoid_act(gates[H + j])
+                gg = tanh_act(gates[2 * H + j])
+                og = sigmoid_act(gates[3 * H + j])
+                cn = fg * cs[t, layer, j] + ig * gg
+                tc = tanh_act(cn)
+                acts[t, layer, 0, j] = ig
+                acts[t, layer, 1, j] = fg
+                acts[t, layer, 2, j] = gg
+                acts[t, layer, 3, j] = og
+                acts[t, layer, 4, j] = tc
+                cs[t + 1, layer, j] = cn
+                hs[t + 1, layer, j] = og * tc
+                inp[j] = og * tc
+            if use_dropout and layer < L - 1:
+                for j in range(H):
+                    if dropout_keep(ip[IP_SEED], step, s, t, layer * H + j, keep):
+                        masks[t, layer, j] = inv_keep
+                    else:
+                        masks[t, layer, j] = 0.0
+                    inp[j] *= masks[t, layer, j]
+            n_in = H
+
+    # Loss and head gradient.
+    wy = offs[L, 0]
+    by = offs[L, 1]
+    Wy = theta_row[wy : wy + H * O].reshape((H, O))
+    gWy = grad[wy : wy + H * O].reshape((H, O))
+    grad[:] = 0.0
+    total = 0.0
+    inv_n = 1.0 / (n * O)
+    dys = tg  # targets are read once, below, then overwritten by d(loss)/dy
+    for t in range(n):
+        for o in range(O):
+            y = theta_row[by + o]
+            for j in range(H):
+                y += hs[t + 1, L - 1, j] * Wy[j, o]
+            r = y - tg[t, o]
+            total += loss_value(r, loss_code, delta)
+            dys[t, o] = loss_grad(r, loss_code, delta) * inv_n
+        for o in range(O):
+            grad[by + o] += dys[t, o]
+        for j in range(H):
+            hj = hs[t + 1, L - 1, j]
+            for o in range(O):
+                gWy[j, o] += hj * dys[t, o]
+
+    # Backward through time and layers.
+    dh_rec = bufs[3]
+    dc_rec = bufs[4]
+    dh_next = rec[0]
+    dc_next = rec[1]
+    dh_next[:] = 0.0
+    dc_next[:] = 0.0
+    da = gates
+    for t in range(n - 1, -1, -1):
+        for j in range(H):
+            acc = 0.0
+            for o in range(O):
+                acc += Wy[j, o] * dys[t, o]
+            d_above[j] = acc
+        for layer in range(L - 1, -1, -1):
+            n_in = I if layer == 0 else H
+            wx = offs[layer, 0]
+            wh = offs[layer, 1]
+            bo = offs[layer, 2]
+            Wx = theta_row[wx : wx + n_in * G].reshape((n_in, G))
+            Wh = theta_row[wh : wh + H * G].reshape((H, G))
+            gWx = grad[wx : wx + n_in * G].reshape((n_in, G))
+            gWh = grad[wh : wh + H * G].reshape((H, G))
+            for j in range(H):
+                ig = acts[t, layer, 0, j]
+                fg = acts[t, layer, 1, j]
+                gg = acts[t, layer, 2, j]
+                og = acts[t, layer, 3, j]
+                tc = acts[t, layer, 4, j]
+                dh = d_above[j] + dh_next[layer, j]
+                dc = dh * og * (1.0 - tc * tc) + dc_next[layer, j]
+                da[j] = dc * gg * ig * (1.0 - ig)
+                da[H + j] = dc * cs[t, layer, j] * fg * (1.0 - fg)
+                da[2 * H + j] = dc * ig * (1.0 - gg * gg)
+                da[3 * H + j] = dh * tc * og * (1.0 - og)
+                dc_rec[j] = dc * fg
+            for k in range(G):
+                grad[bo + k] += da[k]
+            # layer input at step t: x_t for layer 0, else the lower layer's (masked) h
+            for i in range(n_in):
+                if layer == 0:
+                    xi = xs[t, i]
+                elif use_dropout:
+                    xi = hs[t + 1, layer - 1, i] * masks[t, layer - 1, i]
+                else:
+                    xi = hs[t + 1, layer - 1, i]
+                for k in range(G):
+                    gWx[i, k] += xi * da[k]
+            for j in range(H):
+                hj = hs[t, layer, j]
+                for k in range(G):
+                    gWh[j, k] += hj * da[k]
+            for j in range(H):
+                acc = 0.0
+                for k in range(G):
+                    acc += Wh[j, k] * da[k]
+                dh_rec[j] = acc
+            if layer > 0:
+                for i in range(H):
+                    acc = 0.0
+                    for k in range(G):
+                        acc += Wx[i, k] * da[k]
+                    if use_dropout:
+                        acc *= masks[t, layer - 1, i]
+                    d_above[i] = acc
+            for j in range(H):
+                dh_next[layer, j] = dh_rec[j]
+                dc_next[layer, j] = dc_rec[j]
+    return total * inv_n
+
+
+@register_jitable
+def apply_update(theta_row, m_row, v_row, grad, step, lr, hp, opt_code):
+    """Clip the gradient norm, add L2, then Adam or SGD in place. False if grad not finite."""
+    norm2 = 0.0
+    for k in range(grad.shape[0]):
+        g = float(grad[k])
+        norm2 += g * g
+    if not math.isfinite(norm2):
+        return False
+    scale = 1.0
+    clip = hp[HP_GRAD_CLIP]
+    norm = math.sqrt(norm2)
+    if clip > 0.0 and norm > clip:
+        scale = clip / norm
+    wd = hp[HP_WEIGHT_DECAY]
+    if opt_code == 0:
+        b1 = hp[HP_BETA1]
+        b2 = hp[HP_BETA2]
+        c1, c2 = adam_scale(step, b1, b2)
+        step_size = lr * c2 / c1
+        eps = hp[HP_EPS] * c2
+        for k in range(grad.shape[0]):
+            g = grad[k] * scale + wd * theta_row[k]
+            m = b1 * m_row[k] + (1.0 - b1) * g
+            v = b2 * v_row[k] + (1.0 - b2) * g * g
+            m_row[k] = m
+            v_row[k] = v
+            theta_row[k] -= step_size * m / (math.sqrt(v) + eps)
+    else:
+        for k in range(grad.shape[0]):
+            theta_row[k] -= lr * (grad[k] * scale + wd * theta_row[k])
+    return True

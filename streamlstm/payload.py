@@ -1,0 +1,756 @@
+"""MQTT payload -> readings, topic template -> sensor id.
+
+Called from paho's network thread for every message: `PayloadParser.parse` is fast and never
+raises; whatever is wrong with a message ends up in `ParseResult.rejected` as
+``(reason, detail)`` with a reason from docs/design.md. Templates and input specs are validated at
+construction (config time) and raise ValueError there.
+
+Payload shapes (``format``):
+
+* ``number``: plain ASCII text holding one float (``21.5``, `` -3e2\\n``). ``nan``/``inf`` and
+  overflowing numbers are ``non_finite``; anything else (``1_000``, non-ASCII digits, words) is
+  ``not_a_number``.
+* ``json``: one reading: an object with the value fields (dotted paths; several = one vector
+  reading) and an optional timestamp field, a bare JSON number, or an array of numbers (vector).
+* ``batch``: an array of objects (each may name its sensor in ``sensor``, else the topic's
+  sensor), or an object mapping sensor id -> number, number list (vector) or reading object.
+* ``auto``: text that is not a JSON object/array is read as ``number``; an array holding an
+  object is a batch, an array of numbers a vector; an object is one reading. Sensor maps need
+  ``format: batch``: in auto, ``{"temperature": 21.5}`` from a device whose value field is
+  misconfigured would otherwise silently become sensor "temperature" for every device.
+
+JSON numbers only: strings, bools and nulls at a value field are ``not_a_number``. orjson is used
+when importable; the stdlib path is tuned to give the same results (see `_json_loader`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+import time
+from typing import Callable, NamedTuple
+
+__all__ = [
+    "REASONS",
+    "InputSpec",
+    "ParseResult",
+    "PayloadParser",
+    "Reading",
+    "TopicTemplate",
+]
+
+# The parser's subset of the rejection reasons in docs/design.md.
+REASONS = frozenset({
+    "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic",
+    "too_large", "bad_timestamp", "wrong_arity",
+})
+FORMATS = ("auto", "number", "json", "batch")
+TIMESTAMP_UNITS = ("s", "ms", "iso")
+BATCH_SENSOR_FIELD = "sensor"
+MAX_BATCH_READINGS = 100_000
+# Real sensor payloads are a few levels deep. The bound keeps the stdlib decoder clear of
+# RecursionError and orjson clear of its stack (3.8 segfaults near 10^5 levels), so both agree.
+MAX_JSON_DEPTH = 128
+MAX_TIMESTAMP = 32503680000.0  # 3000-01-01T00:00:00Z
+MAX_SENSOR_ID_CHARS = 1024
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name / filter
+_DETAIL_CHARS = 80
+
+
+class Reading(NamedTuple):
+    sensor: str
+    timestamp: float  # seconds since the epoch
+    values: tuple  # tuple[float, ...], finite
+
+
+class ParseResult(NamedTuple):
+    readings: list
+    rejected: list  # [(reason, detail)]
+
+
+def _short(value, limit: int = _DETAIL_CHARS) -> str:
+    """Bounded repr for details: payloads are untrusted and may be huge."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if not text.isprintable():  # details go to logs: printable and on one line
+        text = repr(text)[1:-1]
+        if len(text) > limit + 3:
+            text = text[:limit] + "..."
+    return text
+
+
+def _valid_sensor_id(sensor) -> bool:
+    # Sensor ids become topic levels of event topics: no wildcards, NUL or unencodable text.
+    if type(sensor) is not str or not sensor or len(sensor) > MAX_SENSOR_ID_CHARS:
+        return False
+    if "+" in sensor or "#" in sensor or "\x00" in sensor:
+        return False
+    if sensor.isascii():
+        return True
+    try:
+        sensor.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Topic templates
+
+_PLACEHOLDER = "{sensor}"
+_PLACEHOLDER_MULTI = "{sensor+}"
+# Level kinds of a compiled template.
+_LIT, _PLUS, _HASH, _CAP, _CAP_MULTI = range(5)
+
+
+class TopicTemplate:
+    """``plant/{sensor}/temperature`` -> subscription ``plant/+/temperature``, match -> id.
+
+    ``{sensor}`` captures one whole topic level; ``{sensor+}``, only as the last level, captures
+    all remaining levels (subscribed as ``#``), joined with ``/``. Literal ``+`` / ``#`` levels
+    match like MQTT wildcards and capture nothing. Like a broker, wildcards at the first level do
+    not match topics starting with ``$``. Empty captured levels do not match.
+    """
+
+    __slots__ = ("template", "subscription", "_levels", "_nlevels", "_cap_index", "_simple")
+
+    def __init__(self, template: str):
+        if not isinstance(template, str):
+            raise ValueError(f"topic template must be a string, got {type(template).__name__}")
+        if not template:
+            raise ValueError("topic template is empty")
+        if "\x00" in template:
+            raise ValueError(f"topic template {template!r} contains a NUL character")
+        try:
+            encoded = template.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"topic template {template!r} is not valid UTF-8 text") from None
+        levels = template.split("/")
+        kinds = []
+        cap_index = None
+        for i, level in enumerate(levels):
+            last = i == len(levels) - 1
+            if level == _PLACEHOLDER or level == _PLACEHOLDER_MULTI:
+                if cap_index is not None:
+                    raise ValueError(f"topic template {template!r} has more than one {{sensor}}")
+                cap_index = i
+                if level == _PLACEHOLDER_MULTI:
+                    if not last:
+                        raise ValueError(
+                            f"topic template {template!r}: {{sensor+}} must be the last level")
+                    kinds.append((_CAP_MULTI, None))
+                else:
+                    kinds.append((_CAP, None))
+            elif level == "+":
+                kinds.append((_PLUS, None))
+            elif level == "#":
+                if not last:
+                    raise ValueError(f"topic template {template!r}: '#' must be the last level")
+                kinds.append((_HASH, None))
+            else:
+                if "{" in level or "}" in level:
+                    raise ValueError(
+                        f"topic template {template!r}: level {level!r} is not a valid "
+                        "placeholder; use a whole level '{sensor}' or '{sensor+}' (last level)")
+                if "+" in level or "#" in level:
+                    raise ValueError(
+                        f"topic template {template!r}: level {level!r} mixes a wildcard with "
+                        "text; '+' and '#' must fill a whole level")
+                kinds.append((_LIT, level))
+        if cap_index is None:
+            raise ValueError(f"topic template {template!r} has no {{sensor}} or {{sensor+}} level")
+        subscription = "/".join(
+            "+" if k == _CAP else "#" if k == _CAP_MULTI else level
+            for (k, _), level in zip(kinds, levels))
+        if len(encoded) > MAX_TOPIC_BYTES or len(subscription.encode("utf-8")) > MAX_TOPIC_BYTES:
+            raise ValueError(f"topic template is longer than {MAX_TOPIC_BYTES} bytes")
+        self.template = template
+        self.subscription = subscription
+        self._levels = tuple(kinds)
+        self._nlevels = len(kinds)
+        self._cap_index = cap_index
+        # Common case: literals and one {sensor}, matched with a length check and compares.
+        self._simple = all(k in (_LIT, _CAP) for k, _ in kinds)
+
+    def __repr__(self):
+        return f"TopicTemplate({self.template!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, TopicTemplate) and other.template == self.template
+
+    def __hash__(self):
+        return hash(self.template)
+
+    def match(self, topic: str):
+        """The sensor id for `topic`, or None when it does not fit the template."""
+        if type(topic) is not str or not topic:
+            return None
+        # Published topic names never hold wildcards or NUL: such a string is no topic.
+        if "+" in topic or "#" in topic or "\x00" in topic:
+            return None
+        parts = topic.split("/")
+        levels = self._levels
+        if self._simple:
+            if len(parts) != self._nlevels:
+                return None
+            for (kind, literal), part in zip(levels, parts):
+                if kind == _LIT and part != literal:
+                    return None
+            if self._cap_index == 0 and topic[0] == "$":
+                return None
+            sensor = parts[self._cap_index]
+            return sensor if sensor and _valid_sensor_id(sensor) else None
+        return self._match_general(topic, parts)
+
+    def _match_general(self, topic, parts):
+        levels = self._levels
+        if topic[0] == "$" and levels[0][0] != _LIT:
+            return None
+        sensor = None
+        n = len(parts)
+        for i, (kind, literal) in enumerate(levels):
+            if kind == _HASH:
+                # 'a/#' also matches 'a' (MQTT: '#' includes the parent level).
+                if sensor is None or n < i:
+                    return None
+                return sensor if _valid_sensor_id(sensor) else None
+            if kind == _CAP_MULTI:
+                rest = parts[i:]
+                if not rest or not all(rest):
+                    return None
+                sensor = "/".join(rest)
+                return sensor if _valid_sensor_id(sensor) else None
+            if i >= n:
+                return None
+            part = parts[i]
+            if kind == _LIT:
+                if part != literal:
+                    return None
+            elif kind == _CAP:
+                if not part:
+                    return None
+                sensor = part
+            # _PLUS matches any level, empty included (as in MQTT).
+        if n != len(levels):
+            return None
+        return sensor if sensor is not None and _valid_sensor_id(sensor) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input specs
+
+def _split_path(path, what: str):
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{what}: field path must be a non-empty string, got {path!r}")
+    parts = path.split(".")
+    if not all(parts):
+        raise ValueError(f"{what}: field path {path!r} has an empty segment")
+    return tuple(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One entry of the config's ``inputs:`` list."""
+
+    topic: str
+    format: str = "auto"
+    value_fields: tuple = ("value",)
+    timestamp_field: str | None = "ts"  # None, or absent in a payload: arrival time
+    timestamp_unit: str = "s"
+    max_payload_bytes: int = 1_048_576
+    template: TopicTemplate = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        template = TopicTemplate(self.topic)
+        if self.format not in FORMATS:
+            raise ValueError(f"input {self.topic!r}: format must be one of {', '.join(FORMATS)},"
+                             f" got {self.format!r}")
+        fields = self.value_fields
+        if isinstance(fields, str):
+            fields = (fields,)
+        try:
+            fields = tuple(fields)
+        except TypeError:
+            raise ValueError(f"input {self.topic!r}: value_fields must be a list of field paths"
+                             ) from None
+        if not fields:
+            raise ValueError(f"input {self.topic!r}: value_fields is empty")
+        for f in fields:
+            _split_path(f, f"input {self.topic!r}: value_fields")
+        if len(set(fields)) != len(fields):
+            raise ValueError(f"input {self.topic!r}: value_fields has duplicates: {list(fields)}")
+        if self.format == "number" and len(fields) != 1:
+            raise ValueError(f"input {self.topic!r}: format number carries one value, but "
+                             f"value_fields has {len(fields)}")
+        if self.timestamp_field is not None:
+            _split_path(self.timestamp_field, f"input {self.topic!r}: timestamp_field")
+        if self.timestamp_unit not in TIMESTAMP_UNITS:
+            raise ValueError(f"input {self.topic!r}: timestamp_unit must be one of "
+                             f"{', '.join(TIMESTAMP_UNITS)}, got {self.timestamp_unit!r}")
+        mpb = self.max_payload_bytes
+        if type(mpb) is not int or mpb <= 0:
+            raise ValueError(f"input {self.topic!r}: max_payload_bytes must be a positive "
+                             f"integer, got {mpb!r}")
+        object.__setattr__(self, "value_fields", fields)
+        object.__setattr__(self, "template", template)
+
+    @property
+    def arity(self) -> int:
+        return len(self.value_fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON decoding
+
+class _Reject(Exception):
+    """Internal: carries one rejection out of nested helpers."""
+
+    def __init__(self, reason, detail):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+_I64_MIN = -(2 ** 63)
+_U64_MAX = 2 ** 64 - 1
+
+
+def _stdlib_int(text):
+    # Same as orjson: integers beyond the 64-bit range come back as floats, and as an error
+    # when they overflow to infinity. Also avoids int()'s 4300-digit ValueError.
+    if len(text) <= 20:
+        value = int(text)
+        if _I64_MIN <= value <= _U64_MAX:
+            return value
+    value = float(text)
+    if value - value != 0.0:
+        raise ValueError("number out of range")
+    return value
+
+
+def _stdlib_float(text):
+    value = float(text)
+    if value - value != 0.0:  # orjson refuses numbers that overflow to infinity
+        raise ValueError("number out of range")
+    return value
+
+
+def _stdlib_constant(name):
+    raise ValueError(f"{name} is not JSON")  # orjson refuses NaN/Infinity too
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
+
+
+def _has_lone_surrogate(data: bytes) -> bool:
+    """Whether a \\uD800-\\uDFFF escape is not part of a high+low pair (orjson refuses those).
+
+    Works on the text: a parsed object may have lost the string to a duplicate key. Escapes are
+    walked in order so that an escaped backslash before 'u' is not taken for an escape.
+    """
+    high_end = -1  # end of an unpaired high surrogate escape, or -1
+    for m in _ESCAPE.finditer(data):
+        if high_end >= 0 and m.start() != high_end:
+            return True
+        esc = m.group(1)
+        cp = int(esc[1:], 16) if len(esc) == 5 else -1
+        if high_end >= 0:
+            if not 0xDC00 <= cp <= 0xDFFF:
+                return True
+            high_end = -1
+        elif 0xD800 <= cp <= 0xDBFF:
+            high_end = m.end()
+        elif 0xDC00 <= cp <= 0xDFFF:
+            return True
+    return high_end >= 0
+
+
+def _json_loader(backend: str):
+    """(name, loads) where loads(bytes) -> object or raises. Imports stay local: no module state."""
+    if backend in ("auto", "orjson"):
+        try:
+            import orjson
+        except ImportError:
+            if backend == "orjson":
+                raise ValueError("json_backend 'orjson' asked for, but orjson is not installed"
+                                 ) from None
+        else:
+            return "orjson", orjson.loads
+    elif backend != "json":
+        raise ValueError(f"json_backend must be auto, orjson or json, got {backend!r}")
+
+    import json
+    decoder = json.JSONDecoder(parse_float=_stdlib_float, parse_int=_stdlib_int,
+                               parse_constant=_stdlib_constant)
+    decode = decoder.decode
+
+    def loads(data: bytes):
+        # orjson takes UTF-8 only (no UTF-16/32 sniffing as json.loads(bytes) does).
+        obj = decode(data.decode("utf-8"))
+        # orjson refuses lone surrogate escapes; json.loads keeps them. Rarely needed check.
+        if _SURROGATE_ESCAPE.search(data) is not None and _has_lone_surrogate(data):
+            raise ValueError("lone surrogate in string")
+        return obj
+
+    return "json", loads
+
+
+# An unterminated string runs to the end (so every byte is scanned once: linear time).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.?)*+(?:"|\Z)', re.DOTALL)
+# One pass drops everything but brackets and folds '[{' -> '(' and ']}' -> ')'.
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_PAREN_CHUNK = 64
+
+
+def _too_deep(data: bytes, limit: int) -> bool:
+    """Whether the JSON text nests deeper than `limit`, without recursion, in linear time."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    # Brackets inside strings do not nest. In any valid prefix this finds the same strings as a
+    # JSON decoder, so the bound holds for whatever part a decoder would read.
+    if b'"' in data:
+        if b"\\" in data:
+            data = _JSON_STRING.sub(b"", data)
+        else:  # no escapes (the usual case): strings end at the next quote
+            data = b"".join(data.split(b'"')[0::2])
+    parens = data.translate(_TO_PARENS, _NOT_BRACKETS)
+    # Chunks that cannot reach the limit even if all-opening are skipped at C speed; the
+    # per-byte walk runs only near the limit, so nesting bombs stop within a few chunks.
+    depth = 0
+    for start in range(0, len(parens), _PAREN_CHUNK):
+        chunk = parens[start:start + _PAREN_CHUNK]
+        opens = chunk.count(40)  # '('
+        if depth + opens <= limit:
+            # Below 0 the text is invalid JSON anyway; clamping only overestimates (safe side).
+            depth = max(0, depth + 2 * opens - len(chunk))
+            continue
+        for ch in chunk:
+            depth = depth + 1 if ch == 40 else max(0, depth - 1)
+            if depth > limit:
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain numbers
+
+# ASCII float grammar only: no '_' separators, no non-ASCII digits (float() takes both).
+_PLAIN_NUMBER = re.compile(rb"[+-]?(?:[0-9]++(?:\.[0-9]*+)?|\.[0-9]++)(?:[eE][+-]?[0-9]++)?")
+_PLAIN_NON_FINITE = re.compile(rb"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+
+
+def _plain_number(data: bytes, sensor: str):
+    """float, or raise _Reject."""
+    text = data.strip()
+    if _PLAIN_NUMBER.fullmatch(text) is not None:
+        value = float(text)
+        if value - value == 0.0:
+            return value
+        raise _Reject("non_finite",
+                      f"{sensor}: {_short(text[:100].decode('ascii'))} overflows a float")
+    if _PLAIN_NON_FINITE.fullmatch(text) is not None:
+        raise _Reject("non_finite", f"{sensor}: {text.decode('ascii')}")
+    raise _Reject("not_a_number", f"{sensor}: payload {_short(text[:100])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readings from decoded JSON
+
+_MISSING = object()
+
+
+def _number(value, sensor, what):
+    """float from a decoded JSON value, or raise _Reject."""
+    t = type(value)
+    if t is float:
+        if value - value == 0.0:
+            return value
+        raise _Reject("non_finite", f"{sensor}: {what}: {value!r}")
+    if t is int:
+        try:
+            return float(value)
+        except OverflowError:
+            raise _Reject("non_finite", f"{sensor}: {what}: integer overflows a float") from None
+    raise _Reject("not_a_number",
+                  f"{sensor}: {what}: expected a number, got {_show(value)}")
+
+
+def _show(value) -> str:
+    """Type and a short view of a decoded JSON value, never a repr of a whole container."""
+    kind = _json_type(value)
+    if type(value) in (dict, list):
+        return f"{kind} of {len(value)}"
+    return f"{kind} {_short(value, 40)}"
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "bool",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _lookup(obj, path):
+    for seg in path:
+        t = type(obj)
+        if t is dict:
+            obj = obj.get(seg, _MISSING)
+            if obj is _MISSING:
+                return _MISSING
+        elif t is list and seg.isdigit() and seg.isascii():
+            idx = int(seg)
+            if idx >= len(obj):
+                return _MISSING
+            obj = obj[idx]
+        else:
+            return _MISSING
+    return obj
+
+
+class _Compiled:
+    """Per-input lookup tables, prepared once."""
+
+    __slots__ = ("spec", "template", "format", "paths", "single_key", "ts_path", "ts_unit",
+                 "arity", "max_bytes")
+
+    def __init__(self, spec: InputSpec):
+        self.spec = spec
+        self.template = spec.template
+        self.format = spec.format
+        self.paths = tuple(_split_path(f, "value_fields") for f in spec.value_fields)
+        # One top-level field: plain dict.get on the hot path.
+        self.single_key = self.paths[0][0] if len(self.paths) == 1 and len(self.paths[0]) == 1 \
+            else None
+        self.ts_path = (None if spec.timestamp_field is None
+                        else _split_path(spec.timestamp_field, "timestamp_field"))
+        self.ts_unit = spec.timestamp_unit
+        self.arity = len(self.paths)
+        self.max_bytes = spec.max_payload_bytes
+
+
+_UTC = datetime.timezone.utc
+
+
+def _timestamp(raw, unit, sensor):
+    """Seconds since the epoch from a decoded timestamp field, or raise _Reject."""
+    t = type(raw)
+    if unit == "iso":
+        if t is not str:
+            raise _Reject("bad_timestamp",
+                          f"{sensor}: expected an ISO 8601 string, got {_json_type(raw)}")
+        try:
+            dt = datetime.datetime.fromisoformat(raw)
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=_UTC)  # naive means UTC
+            ts = dt.timestamp()
+        except (ValueError, OverflowError, OSError):
+            raise _Reject("bad_timestamp", f"{sensor}: {_short(raw, 40)}") from None
+    else:
+        if t is int or t is float:
+            try:
+                ts = float(raw)
+            except OverflowError:
+                raise _Reject("bad_timestamp", f"{sensor}: out of range") from None
+            if unit == "ms":
+                ts /= 1000.0
+        else:
+            raise _Reject("bad_timestamp",
+                          f"{sensor}: expected a number ({unit}), got {_show(raw)}")
+    if not 0.0 <= ts <= MAX_TIMESTAMP:  # also catches NaN
+        raise _Reject("bad_timestamp", f"{sensor}: {_show(raw)} is before 1970 or after 3000")
+    return ts
+
+
+def _reading_from_object(obj: dict, sensor: str, c: _Compiled, now: float) -> Reading:
+    if c.single_key is not None:
+        raw = obj.get(c.single_key, _MISSING)
+        if raw is _MISSING:
+            raise _Reject("missing_field", f"{sensor}: no field {c.single_key!r}")
+        values = (_number(raw, sensor, c.single_key),)
+    else:
+        vals = []
+        for path in c.paths:
+            raw = _lookup(obj, path)
+            if raw is _MISSING:
+                raise _Reject("missing_field", f"{sensor}: no field {'.'.join(path)!r}")
+            vals.append(_number(raw, sensor, ".".join(path)))
+        values = tuple(vals)
+    ts = now
+    if c.ts_path is not None:
+        raw = obj.get(c.ts_path[0], _MISSING) if len(c.ts_path) == 1 else _lookup(obj, c.ts_path)
+        if raw is not _MISSING and raw is not None:
+            ts = _timestamp(raw, c.ts_unit, sensor)
+    return Reading(sensor, ts, values)
+
+
+def _vector(raw: list, sensor: str, c: _Compiled) -> tuple:
+    if len(raw) != c.arity:
+        raise _Reject("wrong_arity",
+                      f"{sensor}: {len(raw)} values, expected {c.arity}")
+    return tuple(_number(v, sensor, f"value[{i}]") for i, v in enumerate(raw))
+
+
+def _scalar(raw, sensor: str, c: _Compiled) -> tuple:
+    if c.arity != 1 and (type(raw) is int or type(raw) is float):
+        raise _Reject("wrong_arity", f"{sensor}: 1 value, expected {c.arity}")
+    return (_number(raw, sensor, "value"),)
+
+
+class PayloadParser:
+    """Turns (topic, payload) into readings for the inputs of the config, in order.
+
+    The first input whose template matches the topic handles the message. Thread-safe: no state
+    changes after construction. ``json_backend``: auto (orjson if importable), orjson or json.
+    """
+
+    def __init__(self, inputs, clock: Callable[[], float] = time.time, *,
+                 json_backend: str = "auto", max_batch: int = MAX_BATCH_READINGS,
+                 max_depth: int = MAX_JSON_DEPTH):
+        inputs = list(inputs)
+        for spec in inputs:
+            if not isinstance(spec, InputSpec):
+                raise ValueError(f"inputs must be InputSpec objects, got {type(spec).__name__}")
+        if type(max_batch) is not int or max_batch <= 0:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        # Depths near 1000 reach the stdlib decoder's recursion limit: results would then differ.
+        if type(max_depth) is not int or not 2 <= max_depth <= 512:
+            raise ValueError(f"max_depth must be an integer in [2, 512], got {max_depth!r}")
+        self.inputs = tuple(inputs)
+        self._compiled = tuple(_Compiled(s) for s in inputs)
+        self._clock = clock
+        self.json_backend, self._loads = _json_loader(json_backend)
+        self.max_batch = max_batch
+        self.max_depth = max_depth
+
+    @property
+    def subscriptions(self) -> tuple:
+        """MQTT topic filters to subscribe to, deduplicated, in input order."""
+        return tuple(dict.fromkeys(c.template.subscription for c in self._compiled))
+
+    def match(self, topic: str):
+        """(InputSpec, sensor id) of the first input whose template matches, or None."""
+        for c in self._compiled:
+            sensor = c.template.match(topic)
+            if sensor is not None:
+                return c.spec, sensor
+        return None
+
+    def parse(self, topic: str, payload: bytes) -> ParseResult:
+        try:
+            result = self._parse(topic, payload)
+        except _Reject as r:
+            result = ParseResult([], [(r.reason, r.detail)])
+        except Exception as e:  # noqa: BLE001 - a bug here must not kill paho's network thread
+            return ParseResult([], [("bad_json", f"unexpected {type(e).__name__}")])
+        rejected = result.rejected
+        for i, (reason, detail) in enumerate(rejected):
+            # Details carry sensor ids from topics/payloads: keep log lines short and one line.
+            if len(detail) > 2 * _DETAIL_CHARS or not detail.isprintable():
+                rejected[i] = (reason, _short(detail, 2 * _DETAIL_CHARS))
+        return result
+
+    # -----------------------------------------------------------------------------------------
+
+    def _parse(self, topic, payload) -> ParseResult:
+        sensor = None
+        for c in self._compiled:
+            sensor = c.template.match(topic)
+            if sensor is not None:
+                break
+        else:
+            return ParseResult([], [("unknown_topic", f"topic {_short(topic)}")])
+        if type(payload) is not bytes:
+            if isinstance(payload, str):
+                payload = payload.encode("utf-8", "surrogatepass")
+            else:
+                payload = bytes(payload)  # bytearray / memoryview
+        if len(payload) > c.max_bytes:
+            return ParseResult([], [("too_large", f"{sensor}: {len(payload)} bytes, limit "
+                                                  f"{c.max_bytes}")])
+        fmt = c.format
+        if fmt == "number":
+            value = _plain_number(payload, sensor)
+            return ParseResult([Reading(sensor, self._clock(), (value,))], [])
+        if fmt == "auto":
+            head = payload.lstrip()[:1]
+            if head != b"{" and head != b"[":
+                value = _plain_number(payload, sensor)
+                if c.arity != 1:
+                    raise _Reject("wrong_arity", f"{sensor}: 1 value, expected {c.arity}")
+                return ParseResult([Reading(sensor, self._clock(), (value,))], [])
+        doc = self._decode(payload, sensor)
+        now = self._clock()
+        t = type(doc)
+        if fmt == "batch":
+            if t is list:
+                return self._batch_list(doc, sensor, c, now)
+            if t is dict:
+                return self._batch_map(doc, c, now)
+            raise _Reject("bad_json", f"{sensor}: batch must be an array or object, got "
+                                      f"{_json_type(doc)}")
+        if t is dict:
+            return ParseResult([_reading_from_object(doc, sensor, c, now)], [])
+        if t is list:
+            # auto: an empty array is an empty batch (a gateway with nothing to report).
+            if fmt == "auto" and (not doc or any(type(x) is dict for x in doc)):
+                return self._batch_list(doc, sensor, c, now)
+            if fmt == "json" and any(type(x) is dict for x in doc):
+                raise _Reject("bad_json", f"{sensor}: array of objects on a json input "
+                                          "(use format batch or auto)")
+            return ParseResult([Reading(sensor, now, _vector(doc, sensor, c))], [])
+        return ParseResult([Reading(sensor, now, _scalar(doc, sensor, c))], [])
+
+    def _decode(self, payload: bytes, sensor: str):
+        if _too_deep(payload, self.max_depth):
+            raise _Reject("bad_json", f"{sensor}: nested deeper than {self.max_depth}")
+        try:
+            return self._loads(payload)
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise _Reject("bad_json", f"{sensor}: invalid JSON") from None
+
+    def _check_batch_size(self, n, sensor):
+        if n > self.max_batch:
+            raise _Reject("too_large", f"{sensor}: batch of {n} readings, limit {self.max_batch}")
+
+    def _batch_list(self, items: list, sensor: str, c: _Compiled, now: float) -> ParseResult:
+        self._check_batch_size(len(items), sensor)
+        readings = []
+        rejected = []
+        for i, item in enumerate(items):
+            if type(item) is not dict:
+                rejected.append(("bad_json", f"{sensor}: batch item {i} is {_json_type(item)}, "
+                                             "not an object"))
+                continue
+            item_sensor = item.get(BATCH_SENSOR_FIELD)
+            if item_sensor is None:
+                item_sensor = sensor
+            elif not _valid_sensor_id(item_sensor):
+                rejected.append(("missing_field", f"{sensor}: batch item {i}: invalid sensor id "
+                                                  f"{_show(item_sensor)}"))
+                continue
+            try:
+                readings.append(_reading_from_object(item, item_sensor, c, now))
+            except _Reject as r:
+                rejected.append((r.reason, r.detail))
+        return ParseResult(readings, rejected)
+
+    def _batch_map(self, doc: dict, c: _Compiled, now: float) -> ParseResult:
+        self._check_batch_size(len(doc), "batch")
+        readings = []
+        rejected = []
+        for key, raw in doc.items():
+            if not _valid_sensor_id(key):
+                rejected.append(("missing_field", f"invalid sensor id {_short(key, 40)}"))
+                continue
+            try:
+                t = type(raw)
+                if t is list:
+                    readings.append(Reading(key, now, _vector(raw, key, c)))
+                elif t is dict:
+                    readings.append(_reading_from_object(raw, key, c, now))
+                else:
+                    readings.append(Reading(key, now, _scalar(raw, key, c)))
+            except _Reject as r:
+                rejected.append((r.reason, r.detail))
+        return ParseResult(readings, rejected)

@@ -1,0 +1,236 @@
+"""Replay CSV files through the daemon's detector path, and evaluate against NAB labels."""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from . import nab
+from .detector.detector import _Reading
+
+# anomaly_score is the alert-suppressed score (what NAB thresholds); raw_score the per-reading one.
+ROW_FIELDS = ("timestamp", "value", "prediction", "residual", "anomaly_score", "is_anomaly", "raw_score")
+
+
+def read_series(path) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(epoch seconds, original timestamp strings, values (N, I)) from `timestamp,value[,...]`."""
+    stamps, rows = [], []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file")
+        if _is_number(header[0]) or _parse_time(header[0]) is not None:  # no header row
+            stamps.append(header[0])
+            rows.append([float(v) for v in header[1:]])
+        for line in reader:
+            if not line:
+                continue
+            stamps.append(line[0])
+            rows.append([float(v) for v in line[1:]])
+    seconds = np.array([_to_seconds(s) for s in stamps], dtype=np.float64)
+    return seconds, stamps, np.array(rows, dtype=np.float64).reshape(len(rows), -1)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_time(text: str):
+    try:
+        return np.datetime64(text.strip().replace(" ", "T"), "us")
+    except ValueError:
+        return None
+
+
+def _to_seconds(text: str) -> float:
+    if _is_number(text):
+        return float(text)
+    when = _parse_time(text)
+    if when is None:
+        raise ValueError(f"cannot read timestamp {text!r}")
+    return when.astype("datetime64[us]").astype(np.int64) / 1e6
+
+
+class Progress:
+    """A light progress line on stderr (only when it is a terminal)."""
+
+    def __init__(self, total: int, label: str, stream=sys.stderr):
+        self.total, self.label, self.stream = total, label, stream
+        self.enabled = stream.isatty()
+        self.last = 0.0
+
+    def update(self, done: int):
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.2 or done == self.total):
+            self.last = now
+            self.stream.write(f"\r{self.label}: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%)")
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+def replay_series(detector, sensor: str, seconds, values, chunk: int = 512, progress: Progress | None = None):
+    """Stream one series through `detector`; returns per-row arrays and the events."""
+    n = len(seconds)
+    out = {k: [] for k in ("prediction", "residual", "score", "alert", "is_anomaly", "band", "reason")}
+    events = []
+    kernel_time = 0.0
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        readings = [_Reading(sensor, float(seconds[i]), tuple(values[i])) for i in range(start, stop)]
+        batch = detector.process(readings)
+        out["prediction"].append(batch.prediction)
+        out["residual"].append(batch.residual)
+        out["band"].append(batch.band)
+        out["score"].append(batch.score)
+        out["alert"].append(batch.alert)
+        out["is_anomaly"].append(batch.is_anomaly)
+        out["reason"].extend(batch.reason)
+        events.extend(batch.events)
+        if progress:
+            progress.update(stop)
+    result = {k: (np.concatenate(v) if k != "reason" else v) for k, v in out.items()}
+    result["events"] = events
+    return result
+
+
+def write_rows(path, stamps, values, result):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(ROW_FIELDS)
+        for i, stamp in enumerate(stamps):
+            pred, res = result["prediction"][i], result["residual"][i]
+            w.writerow([
+                stamp, _fmt(values[i]), _fmt(pred[~np.isnan(pred)] if not np.all(np.isnan(pred)) else pred[:1]),
+                _fmt(res[~np.isnan(res)] if not np.all(np.isnan(res)) else res[:1]),
+                f"{result['alert'][i]:.6f}", int(result["is_anomaly"][i]), f"{result['score'][i]:.6f}",
+            ])
+
+
+def _fmt(v) -> str:
+    v = np.atleast_1d(v)
+    return ";".join("" if np.isnan(x) else f"{x:.6g}" for x in v)
+
+
+def write_events(path, result):
+    incidents = {}
+    for kind, inc in result["events"]:
+        incidents[(inc.sensor, inc.start)] = inc  # "resolved" replaces "anomaly": one per incident
+    with open(path, "w") as f:
+        for inc in incidents.values():
+            f.write(json.dumps(inc.as_dict()) + "\n")
+    return list(incidents.values())
+
+
+def plot(path, seconds, values, result, windows=()):
+    """PNG of value, prediction, threshold band and events (needs the `plot` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = seconds.astype("datetime64[s]")
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(14, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    pred = result["prediction"][:, 0]
+    band = result["band"][:, 0]
+    ax.plot(t, values[:, 0], lw=0.7, label="value")
+    ax.plot(t, pred, lw=0.7, label="prediction")
+    ax.fill_between(t, pred - band, pred + band, alpha=0.2, label="threshold band")
+    for start, end in windows:
+        ax.axvspan(start, end, color="orange", alpha=0.2)
+        ax2.axvspan(start, end, color="orange", alpha=0.2)
+    for inc in result.get("incidents", []):
+        ax.axvline(np.datetime64(int(inc.start), "s"), color="red", lw=0.8)
+    ax.legend(loc="upper left")
+    ax2.plot(t, result["score"], lw=0.7, color="purple")
+    ax2.axhline(result["threshold"], color="red", lw=0.6, ls="--")
+    ax2.set_ylabel("score")
+    ax2.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def labels_key(path: pathlib.Path, windows: dict) -> str | None:
+    """The key of `path` in a NAB windows file ("category/file.csv"), if any."""
+    parts = path.resolve().parts
+    for key in windows:
+        if tuple(pathlib.PurePosixPath(key).parts) == parts[-len(pathlib.PurePosixPath(key).parts):]:
+            return key
+    return None
+
+
+def _evaluate_one(args):
+    config, path, key = args
+    from .factory import build_detector
+
+    seconds, _, values = read_series(path)
+    detector = build_detector(config)
+    t0 = time.perf_counter()
+    result = replay_series(detector, pathlib.Path(path).stem, seconds, values)
+    wall = time.perf_counter() - t0
+    kernel = sum(d.kernel_seconds for d in detector.active.values())
+    stamps = (seconds * 1e6).astype("datetime64[us]")
+    incidents = len({(i.sensor, i.start) for _, i in result["events"]})
+    return key, stamps, result["alert"], len(seconds), wall, kernel, incidents
+
+
+def evaluate(config, files: list, windows: dict, processes: int = 0, report=print):
+    """Replay every file with a fresh detector, then score the corpus the way NAB does."""
+    import concurrent.futures
+    import os
+
+    jobs = []
+    for path in files:
+        key = labels_key(pathlib.Path(path), windows) or pathlib.Path(path).name
+        jobs.append((config, str(path), key))
+    workers = processes or min(len(jobs), os.cpu_count() or 1)
+    corpus, stats = {}, {}
+    t0 = time.perf_counter()
+    if workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_evaluate_one, jobs))
+    else:
+        results = [_evaluate_one(job) for job in jobs]
+    wall = time.perf_counter() - t0
+    for key, stamps, scores, n, seconds, kernel, incidents in results:
+        corpus[key] = (stamps, scores)
+        stats[key] = dict(rows=n, seconds=seconds, kernel=kernel, incidents=incidents)
+    labelled = {k: windows.get(k, []) for k in corpus}
+    sweeps = {p: nab.sweep(corpus, labelled, p) for p in nab.PROFILES}
+    best = sweeps["standard"]
+    per_file = {}
+    for key in corpus:
+        fs = nab.score_file(corpus[key][0], corpus[key][1], labelled[key], best.threshold, "standard")
+        per_file[key] = fs
+    metrics = nab.event_metrics(corpus, labelled, best.threshold)
+    rows = sum(s["rows"] for s in stats.values())
+    busy = sum(s["seconds"] for s in stats.values())
+    kernel = sum(s["kernel"] for s in stats.values())
+    summary = dict(
+        files=len(corpus), rows=rows, threshold=best.threshold,
+        scores={p: s.normalised for p, s in sweeps.items()},
+        precision=metrics.precision, recall=metrics.recall, f1=metrics.f1,
+        readings_per_s=rows / busy if busy else float("nan"), wall_s=wall, kernel_share=kernel / busy if busy else 0.0,
+    )
+    report(f"{'file':60s} {'rows':>6s} {'TP':>3s} {'FN':>3s} {'FP':>4s} {'raw':>7s} {'events':>6s}")
+    for key, fs in per_file.items():
+        report(f"{key:60s} {stats[key]['rows']:6d} {fs.tp:3d} {fs.fn:3d} {fs.fp:4d} {fs.raw:7.2f} {stats[key]['incidents']:6d}")
+    report(
+        f"NAB standard {summary['scores']['standard']:.1f}  reward_low_FP_rate {summary['scores']['reward_low_FP_rate']:.1f}  "
+        f"reward_low_FN_rate {summary['scores']['reward_low_FN_rate']:.1f}  (threshold {best.threshold:.4f})"
+    )
+    report(
+        f"event precision {metrics.precision:.2f} recall {metrics.recall:.2f} F1 {metrics.f1:.2f}; "
+        f"{summary['readings_per_s']:.0f} readings/s per process, {100 * summary['kernel_share']:.0f}% of it in the model kernels"
+    )
+    return summary

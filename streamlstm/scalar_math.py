@@ -1,0 +1,150 @@
+"""Scalar helpers shared by the CPU and CUDA kernels (and mirrored by the NumPy reference).
+
+They are registered with Numba's generic target, so `kernels_cpu` and `kernels_cuda`
+compile the very same math. float32 uses a clamped rational tanh (Eigen's, about 1e-7
+relative error, below float32 rounding) because it is 1.3-1.6x faster than libm here;
+float64 keeps libm for tight parity with the reference.
+"""
+import math
+
+import numpy as np
+from numba import types
+from numba.extending import overload, register_jitable
+
+# Eigen's float tanh: odd numerator of degree 13 over even denominator of degree 6.
+_TANH_CLAMP = np.float32(7.90531110763549805)
+_TANH_TINY = np.float32(0.0004)
+_A1 = np.float32(4.89352455891786e-03)
+_A3 = np.float32(6.37261928875436e-04)
+_A5 = np.float32(1.48572235717979e-05)
+_A7 = np.float32(5.12229709037114e-08)
+_A9 = np.float32(-8.60467152213735e-11)
+_A11 = np.float32(2.00018790482477e-13)
+_A13 = np.float32(-2.76076847742355e-16)
+_B0 = np.float32(4.89352518554385e-03)
+_B2 = np.float32(2.26843463243900e-03)
+_B4 = np.float32(1.18534705686654e-04)
+_B6 = np.float32(1.19825839466702e-06)
+_HALF32 = np.float32(0.5)
+_ONE32 = np.float32(1.0)
+
+TANH_COEFFS = (_TANH_CLAMP, _TANH_TINY, (_A1, _A3, _A5, _A7, _A9, _A11, _A13), (_B0, _B2, _B4, _B6))
+
+
+def _tanh_f32(x):
+    if x > _TANH_CLAMP:
+        x = _TANH_CLAMP
+    elif x < -_TANH_CLAMP:
+        x = -_TANH_CLAMP
+    if abs(x) < _TANH_TINY:
+        return x
+    x2 = x * x
+    p = x2 * _A13 + _A11
+    p = x2 * p + _A9
+    p = x2 * p + _A7
+    p = x2 * p + _A5
+    p = x2 * p + _A3
+    p = x2 * p + _A1
+    p = x * p
+    q = x2 * _B6 + _B4
+    q = x2 * q + _B2
+    q = x2 * q + _B0
+    return p / q
+
+
+def _sigmoid_f32(x):
+    return _HALF32 + _HALF32 * tanh_act(_HALF32 * x)
+
+
+def _tanh_f64(x):
+    return math.tanh(x)
+
+
+def _sigmoid_f64(x):
+    # Split by sign so exp never overflows.
+    if x >= 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def _is_f32(x):
+    return isinstance(x, np.float32)
+
+
+def tanh_act(x):
+    """tanh used by every backend (Python fallback; jitted code gets the overload)."""
+    return _tanh_f32(x) if _is_f32(x) else _tanh_f64(x)
+
+
+def sigmoid_act(x):
+    return _sigmoid_f32(x) if _is_f32(x) else _sigmoid_f64(x)
+
+
+@overload(tanh_act, strict=False)
+def _ov_tanh(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return _tanh_f32
+    return _tanh_f64
+
+
+@overload(sigmoid_act, strict=False)
+def _ov_sigmoid(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return _sigmoid_f32
+    return _sigmoid_f64
+
+
+@register_jitable
+def loss_grad(residual, loss_code, delta):
+    """d(loss)/d(prediction) for one output before the 1/N mean factor (MSE: 2r, Huber: clip)."""
+    if loss_code == 0:
+        return 2.0 * residual
+    if residual > delta:
+        return delta
+    if residual < -delta:
+        return -delta
+    return residual
+
+
+@register_jitable
+def loss_value(residual, loss_code, delta):
+    if loss_code == 0:
+        return residual * residual
+    a = abs(residual)
+    if a <= delta:
+        return 0.5 * a * a
+    return delta * (a - 0.5 * delta)
+
+
+@register_jitable
+def clip_value(x, limit):
+    if x > limit:
+        return limit
+    if x < -limit:
+        return -limit
+    return x
+
+
+@register_jitable
+def _mix32(x):
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return ((x >> 16) ^ x) & 0xFFFFFFFF
+
+
+@register_jitable
+def dropout_keep(seed, step, sensor, t, unit, keep_prob):
+    """Deterministic dropout mask bit from a counter hash: identical on every backend."""
+    h = _mix32((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
+    h = _mix32(h ^ (step & 0xFFFFFFFF))
+    h = _mix32(h ^ (sensor & 0xFFFFFFFF))
+    h = _mix32(h ^ (t & 0xFFFFFFFF))
+    h = _mix32(h ^ (unit & 0xFFFFFFFF))
+    return h < keep_prob * 4294967296.0
+
+
+@register_jitable
+def adam_scale(step, beta1, beta2):
+    """Bias corrections (1 - beta1^t, sqrt(1 - beta2^t)) for Adam step t >= 1."""
+    return 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
