@@ -3,7 +3,8 @@
 A backend steps a `ModelBank`: `train(bank, slots, x, scale) -> (loss, status)` and
 `forward(bank, slots, x) -> status`. Host backends work on the bank's NumPy arrays in
 place; a device backend keeps mirrors and implements `attach` (upload after the bank
-(re)allocated), `sync` (download everything) and `sync_pred` (download predictions).
+(re)allocated), `sync` (download everything), `sync_pred` (download predictions) and
+`reset_slot` (apply a host-side slot reset on the device).
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class _HostBackend:
         pass
 
     def sync_pred(self, bank):
+        pass
+
+    def reset_slot(self, bank, slot):
         pass
 
 

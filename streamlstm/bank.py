@@ -110,6 +110,7 @@ class ModelBank:
         self.ring_pos[s] = 0
         self.pred[s] = 0
         self.since_train[s] = 0
+        self.backend.reset_slot(self, s)
 
     # --- stepping ---------------------------------------------------------------------
 
@@ -141,6 +142,7 @@ class ModelBank:
         fstatus = self.backend.forward(self, slots, x)
         self.backend.sync_pred(self)
         status = np.maximum(status, fstatus)
+        self.since_train[slots[fstatus == 1]] = 0  # the kernels reset h/c/ring; this is host-side
         return StepResult(before, self.pred[slots].copy(), loss, status)
 
     def predict(self, slots) -> np.ndarray:

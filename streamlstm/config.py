@@ -289,7 +289,7 @@ class ModelConfig:
     window: int = _int(32, "truncated-BPTT length T", min=1, max=10000)
     train_every: int = _int(1, "one training step every N readings of a sensor", min=1)
     optimizer: str = _choice("sgd", ("adam", "sgd"), "optimizer (sgd: steadier for one update per reading)")
-    learning_rate: float = _float(0.2, "learning rate (adam wants ~0.0005)", min=0, min_open=True, max=10)
+    learning_rate: float = _float(0.02, "learning rate (adam wants ~0.0005)", min=0, min_open=True, max=10)
     loss: str = _choice("huber", ("mse", "huber"), "training loss")
     huber_delta: float = _float(1.0, "Huber loss delta", min=0, min_open=True)
     grad_clip: float = _float(1.0, "global gradient-norm clip", min=0, min_open=True)
@@ -311,7 +311,7 @@ class DetectorConfig:
     scaling_horizon: int = _int(5000, "readings the running mean/std remembers (slow drifts are followed)", min=1)
     warmup: int = _int(200, "no anomaly before this many readings of a sensor", min=0)
     score: str = _choice("likelihood", ("likelihood", "ksigma", "dynamic"), "anomaly score")
-    threshold: float = _float(0.5, "score at or above which a reading is anomalous", min=0, max=1,
+    threshold: float = _float(0.875, "score at or above which a reading is anomalous", min=0, max=1,
                               min_open=True, max_open=True)
     short_window: int = _int(10, "residual smoothing (readings)", min=1)
     long_window: int = _int(1000, "recent residual distribution (readings)", min=1)

@@ -5,6 +5,9 @@ Each kernel exists as a serial and a `prange` driver around the same per-sensor 
 allocated once per chunk, not per sensor; the serial driver is one chunk. A slot must
 appear at most once per call (the bank guarantees it), so chunks never race.
 
+The per-chunk workers are jitted functions of their own, so the `prange` drivers only
+compile a thin loop around them (a parallel compile of the whole body cost seconds more).
+
 All kernels: cache=True (fill the cache with `streamlstm warmup`), nogil=True so the
 MQTT and HTTP threads keep running, no fastmath (inputs may be extreme; NaN checks matter).
 """
@@ -28,7 +31,7 @@ _JIT = dict(cache=True, nogil=True)
 # --- forward -------------------------------------------------------------------------
 
 
-@register_jitable
+@njit(**_JIT)
 def _forward_range(lo, hi, slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status):
     H = h.shape[2]
     gates = np.empty(4 * H, dtype=h.dtype)
@@ -42,7 +45,8 @@ def _forward_range(lo, hi, slots, wrows, x, theta, offs, clip, h, c, ring_x, rin
 
 @njit(**_JIT)
 def forward_batch_serial(slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status):
-    _forward_range(0, slots.shape[0], slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status)
+    B = slots.shape[0]
+    _forward_range(B - B, B, slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status)
 
 
 @njit(parallel=True, **_JIT)
@@ -51,8 +55,9 @@ def forward_batch_parallel(
 ):
     B = slots.shape[0]
     for ch in prange(n_chunks):
-        lo = ch * B // n_chunks
-        hi = (ch + 1) * B // n_chunks
+        # int64 like the serial driver (prange indices are unsigned): one compiled worker
+        lo = np.int64(ch) * B // n_chunks
+        hi = (np.int64(ch) + 1) * B // n_chunks
         _forward_range(lo, hi, slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status)
 
 
@@ -75,7 +80,7 @@ def _scratch(T, I, O, L, H, P, dtype_like):
     )
 
 
-@register_jitable
+@njit(**_JIT)
 def _train_range(
     lo, hi, shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring_x, ring_h, ring_c, ring_pos, ring_len,
     losses, status, acc, count, ch,
@@ -114,7 +119,7 @@ def _train_range(
             status[b] = STATUS_SKIPPED
 
 
-@register_jitable
+@njit(**_JIT)
 def _finish_shared(theta, m, v, adam_t, hp, ip, acc, count):
     """Mean of the accumulated per-sensor gradients -> one shared update."""
     total = 0
@@ -141,9 +146,11 @@ def train_batch_serial(
 ):
     acc = np.zeros((1, theta.shape[1] if shared else 0), dtype=theta.dtype)
     count = np.zeros(1, dtype=np.int64)
+    B = slots.shape[0]
+    zero = B - B  # a plain int64, not a literal: the same worker signature as the prange driver
     _train_range(
-        0, slots.shape[0], shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip,
-        ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, acc, count, 0,
+        zero, B, shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip,
+        ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, acc, count, zero,
     )
     if shared:
         _finish_shared(theta, m, v, adam_t, hp, ip, acc, count)
@@ -158,11 +165,12 @@ def train_batch_parallel(
     acc = np.zeros((n_chunks, theta.shape[1] if shared else 0), dtype=theta.dtype)
     count = np.zeros(n_chunks, dtype=np.int64)
     for ch in prange(n_chunks):
-        lo = ch * B // n_chunks
-        hi = (ch + 1) * B // n_chunks
+        chunk = np.int64(ch)
+        lo = chunk * B // n_chunks
+        hi = (chunk + 1) * B // n_chunks
         _train_range(
             lo, hi, shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip,
-            ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, acc, count, ch,
+            ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, acc, count, chunk,
         )
     if shared:
         _finish_shared(theta, m, v, adam_t, hp, ip, acc, count)

@@ -786,6 +786,15 @@ class CudaBackend:
                 raise RuntimeError(f"bank.{name} changed shape without attach(): {host.shape} vs {d.shape}")
             d.copy_to_host(host)
 
+    def reset_slot(self, bank, slot):
+        """Apply a host-side slot reset (bank.reset_slot) to the device mirrors."""
+        dev = self._dev.get(bank)
+        if dev is None:
+            return
+        for name in ("h", "c", "ring_len", "ring_pos", "pred"):
+            if name in dev.arrays:
+                dev.arrays[name][slot : slot + 1].copy_to_device(np.ascontiguousarray(getattr(bank, name)[slot : slot + 1]))
+
     def sync_pred(self, bank):
         """Nothing to do: forward() already copied the batch's predictions into bank.pred
         (only those B rows, together with the status: one transfer per step)."""
@@ -816,16 +825,22 @@ class CudaBackend:
         return d_slots, d_x
 
     def _scratch(self, dev, spec, B):
+        """Training scratch for B elements and the chunk size to train them with."""
         block = min(self.block_size, TRAIN_MAX_BLOCK)
         utps = threads_per_sensor(spec.num_params, block)
-        per = scratch_bytes_per_sensor(spec, utps)
-        chunk = max(1, min(B, self.scratch_bytes // per))
+        limit = max(1, self.scratch_bytes // scratch_bytes_per_sensor(spec, utps))
         if self.train_chunk:
-            chunk = min(chunk, self.train_chunk)
+            limit = min(limit, self.train_chunk)
+        chunk = min(B, limit)
         sc = dev.scratch
         if sc is None or sc.chunk < chunk or sc.batch < B:
+            # Grow geometrically (within the budget): micro-batch sizes wander, and
+            # reallocating at every new maximum would thrash device allocations.
+            old_chunk, old_batch = (sc.chunk, sc.batch) if sc is not None else (0, 0)
             norm_blocks = max(1, min(MAX_NORM_BLOCKS, _blocks(spec.num_params, block)))
-            sc = TrainScratch(spec, max(chunk, sc.chunk if sc else 0), max(B, sc.batch if sc else 0), utps, norm_blocks, block)
+            sc = TrainScratch(
+                spec, min(limit, max(chunk, 2 * old_chunk)), max(B, 2 * old_batch), utps, norm_blocks, block
+            )
             dev.scratch = sc
         return sc, chunk
 

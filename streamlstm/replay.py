@@ -150,6 +150,9 @@ def plot(path, seconds, values, result, windows=()):
         ax2.axvspan(start, end, color="orange", alpha=0.2)
     for inc in result.get("incidents", []):
         ax.axvline(np.datetime64(int(inc.start), "s"), color="red", lw=0.8)
+    lo, hi = np.nanpercentile(values[:, 0], [0.5, 99.5])
+    pad = 0.2 * (hi - lo + 1e-9)
+    ax.set_ylim(lo - pad, hi + pad)  # a wide early band must not flatten the series
     ax.legend(loc="upper left")
     ax2.plot(t, result["score"], lw=0.7, color="purple")
     ax2.axhline(result["threshold"], color="red", lw=0.6, ls="--")

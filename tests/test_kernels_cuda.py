@@ -311,3 +311,28 @@ def test_gpu_checkpoint_portable_between_cuda_and_cpu(shared):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "sensor"])
 def test_gpu_non_finite_resets_state_and_skips_update(shared):
     test_non_finite_resets_state_and_skips_update(shared)
+
+
+def test_host_side_reset_reaches_the_device():
+    """A gap reset in the detector calls bank.reset_slot on the host: the device must follow."""
+    from streamlstm.backend import NumpyBackend
+    from streamlstm.bank import ModelBank
+    from streamlstm.kernels_cuda import CudaBackend
+    from streamlstm.spec import ModelSpec
+
+    spec = ModelSpec(input_size=1, hidden_size=3, window=3, dtype="float64")
+    banks = [ModelBank(spec, True, NumpyBackend()), ModelBank(spec, True, CudaBackend(block_size=4))]
+    rng = np.random.default_rng(0)
+    for bank in banks:
+        bank.add_slot()
+        bank.add_slot()
+    for step in range(5):
+        x = rng.normal(size=(2, 1))
+        for bank in banks:
+            bank.step([0, 1], x)
+            if step == 2:
+                bank.reset_slot(1)
+    for bank in banks:
+        bank.backend.sync(bank)
+    for name in ("h", "c", "ring_len", "ring_pos", "pred", "theta"):
+        np.testing.assert_allclose(getattr(banks[1], name), getattr(banks[0], name), rtol=1e-9, atol=1e-12, err_msg=name)

@@ -189,7 +189,8 @@ class Detector:
         slot = np.array([det.sensors[sensor]])
         z = det.scaler.transform(slot, np.atleast_2d(np.asarray(values, dtype=np.float64)))
         pred = det.bank.predict(slot)
-        raw = np.sqrt(np.mean((z[:, det._outputs] - pred) ** 2, axis=1))
+        clip = det.spec.input_clip
+        raw = np.sqrt(np.mean((np.clip(z[:, det._outputs], -clip, clip) - pred) ** 2, axis=1))
         score, _ = det.scorer.score(slot, raw)
         return float(score[0])
 

@@ -16,7 +16,7 @@ from ..bank import ModelBank
 from ..spec import ModelSpec
 from .incidents import Incident, IncidentFilter
 from .scaling import FixedScaler, RunningScaler
-from .scores import DynamicScorer, KSigmaScorer, LikelihoodScorer, StuckScorer
+from .scores import HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, StuckScorer
 from .settings import DetectorSettings
 
 OK = ""
@@ -86,7 +86,10 @@ class GroupDetector:
         else:
             self.scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale)
             self.threshold = s.threshold
-        self.stuck = StuckScorer(s.long_window) if s.stuck_detection else None
+        # Stuck evidence saturates a little above the alert threshold: enough to open an
+        # incident at any threshold, never outranking strong residual evidence.
+        stuck_cap = HALF_L * self.threshold / (1.0 - self.threshold) + HALF_L
+        self.stuck = StuckScorer(s.long_window, max_log10=stuck_cap) if s.stuck_detection else None
         self.incidents = IncidentFilter(self.threshold, s.min_duration, s.hysteresis, s.cooldown)
         self.open: dict[int, Incident] = {}
         self.last_ts = np.zeros(0)
@@ -160,7 +163,11 @@ class GroupDetector:
         t0 = time.perf_counter()
         pred = self.bank.predict(slots)  # made before this reading arrived
         self.kernel_seconds += time.perf_counter() - t0
-        target = z[:, self._outputs]
+        # The model sees inputs clipped to +-input_clip: residuals are measured on the same
+        # scale, so one absurd reading (1e9) scores as the largest possible surprise without
+        # flooding the smoothed residual for many readings after it.
+        clip = self.spec.input_clip
+        target = np.clip(z[:, self._outputs], -clip, clip)
         has_pred = self.bank.ring_len[slots] > 0
         raw = np.sqrt(np.mean((target - pred) ** 2, axis=1))
         raw = np.where(has_pred, raw, 0.0)
@@ -185,7 +192,9 @@ class GroupDetector:
         result = self.bank.step(slots, z, np.where(learn, weight, 0.0))
         self.kernel_seconds += time.perf_counter() - t0
         self.scaler.update(slots, values, np.where(suspicious, 0.0, 1.0))
-        self.scorer.update(slots, smoothed, np.where(has_pred, weight, 0.0))
+        # Residuals made while the scale was still settling are meaningless (a std from a
+        # handful of readings): they must not set the residual baseline.
+        self.scorer.update(slots, smoothed, np.where(has_pred & learn, weight, 0.0))
 
         self.seen[slots] += 1
         dt = ts - self.last_ts[slots]

@@ -226,44 +226,47 @@ class DynamicScorer:
 
 
 class StuckScorer:
-    """A sensor that stops changing: the probability of the current run of identical values.
+    """A sensor that stops changing: evidence grows with each repeat past the longest run seen.
 
-    p_repeat is the (decayed) share of readings equal to their predecessor before the current
-    run; Q = p_repeat ** run. Sensors that never varied (a flat line from the start) or that
-    often repeat (quantised) are not flagged; a noisy sensor that freezes is, within a few
-    readings.
+    p_repeat is the (decayed) share of readings equal to their predecessor; a run of k
+    identical readings scores -log10 p = (k - longest_run) * -log10(p_repeat), capped at
+    `max_log10`. A noisy sensor that freezes is flagged within a few readings; a flat line
+    from the start, a quantised sensor, or a mostly-constant one with bursts is not.
     """
 
-    STATE = ("last", "run", "repeats", "changes")
+    STATE = ("last", "run", "longest", "repeats", "total")
 
-    def __init__(self, horizon: int, min_changes: int = 20):
+    def __init__(self, horizon: int, min_readings: int = 50, max_log10: float = 30.0):
         self.decay = 1.0 - 1.0 / horizon
-        self.min_changes = min_changes
+        self.min_readings = min_readings
+        self.max_log10 = max_log10
         self.last = np.zeros((0, 1))
         self.run = np.zeros(0)
+        self.longest = np.zeros(0)
         self.repeats = np.zeros(0)
-        self.changes = np.zeros(0)
+        self.total = np.zeros(0)
 
     def grow(self, n: int, width: int):
         extra = n - len(self.run)
         if extra > 0:
             self.last = np.concatenate([self.last.reshape(-1, width), np.full((extra, width), np.nan)])
-            self.run = np.concatenate([self.run, np.zeros(extra)])
-            self.repeats = np.concatenate([self.repeats, np.zeros(extra)])
-            self.changes = np.concatenate([self.changes, np.zeros(extra)])
+            for name in ("run", "longest", "repeats", "total"):
+                setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
 
     def score_and_update(self, slots, values):
         same = np.all(values == self.last[slots], axis=1)
         run = np.where(same, self.run[slots] + 1, 0.0)
-        reps, chg = self.repeats[slots], self.changes[slots]
-        p_rep = (reps + 1.0) / (reps + chg + 2.0)
-        with np.errstate(divide="ignore"):
-            log10_q = run * np.log10(p_rep)
-        score = np.where(chg >= self.min_changes, log10_tail_to_score(-log10_q), 0.0)
-        # History counts only readings before the current run: when a run ends, it joins.
+        reps, total, longest = self.repeats[slots], self.total[slots], self.longest[slots]
+        p_rep = (reps + 1.0) / (total + 2.0)
+        excess = np.maximum(run - longest, 0.0)
+        log10_q = np.minimum(excess * -np.log10(p_rep), self.max_log10)
+        score = np.where(total >= self.min_readings, log10_tail_to_score(log10_q), 0.0)
+        # The history learns from finished runs only, so a stuck stretch does not teach
+        # itself to be normal while it lasts.
         ended = ~same & (self.run[slots] > 0)
-        self.repeats[slots] = np.where(ended, reps * self.decay + self.run[slots], reps)
-        self.changes[slots] = np.where(~same, chg * self.decay + 1.0, chg)
+        self.longest[slots] = np.where(ended, np.maximum(longest * self.decay, self.run[slots]), longest)
+        self.repeats[slots] = np.where(ended, reps + self.run[slots], reps) * np.where(same, 1.0, self.decay)
+        self.total[slots] = np.where(same, total, (total + np.where(ended, self.run[slots], 0.0)) * self.decay + 1.0)
         self.run[slots] = run
         self.last[slots] = values
         return score

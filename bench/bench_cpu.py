@@ -1,0 +1,262 @@
+"""CPU kernel benchmark against PyTorch, in one process, same thread count, float32.
+
+Run by hand:  python bench/bench_cpu.py [--quick] [--json bench/results/cpu-DATE.json]
+PyTorch is optional (the `bench` extra); without it only our own timings are printed.
+
+Measures (ratios are torch time / our time, > 1 means we are faster):
+  forward, one sensor, H in {32, 64, 128}        vs torch.nn.LSTMCell + Linear
+  training step, T=32, Adam, H=64, one sensor    vs torch.nn.LSTM + Linear + backward + Adam
+  batched forward, shared weights, B in {64, 1024, 10000}, H=64   vs LSTMCell on the batch,
+      with GFLOP/s next to this machine's sgemm peak measured in the same run
+  per-sensor weights, B=10000, H=64              vs torch.baddbmm, with GB/s next to memory bandwidth
+  JIT compile time: cold cache and warm cache (fresh subprocesses)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from streamlstm import kernels_cpu  # noqa: E402
+from streamlstm.backend import CpuBackend  # noqa: E402
+from streamlstm.bank import ModelBank  # noqa: E402
+from streamlstm.lstm_math import hyper_arrays  # noqa: E402
+from streamlstm.spec import ModelSpec  # noqa: E402
+
+
+def best_time(fn, repeat=7, min_time=0.2):
+    """Best per-call time over `repeat` rounds of enough calls to last `min_time`."""
+    fn()
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt > min_time / 4:
+            break
+        n *= 4
+    calls = max(1, int(n * min_time / 4 / dt * 4))
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def try_torch(threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def make_bank(H, B, shared, T=32, optimizer="adam"):
+    spec = ModelSpec(input_size=1, hidden_size=H, window=T, optimizer=optimizer, learning_rate=1e-3)
+    bank = ModelBank(spec, shared, CpuBackend(), capacity=B)
+    for _ in range(B):
+        bank.add_slot()
+    return bank
+
+
+def forward_args(bank, B, rng):
+    slots = np.arange(B, dtype=np.int64)
+    x = rng.normal(size=(B, 1)).astype(np.float32)
+    status = np.zeros(B, np.int64)
+    return (slots, bank.weight_rows(slots), x, bank.theta, bank.offs, 10.0, bank.h, bank.c, bank.ring_x, bank.ring_h,
+            bank.ring_c, bank.ring_pos, bank.ring_len, bank.pred, status)
+
+
+def bench_forward_single(torch, rng, out):
+    for H in (32, 64, 128):
+        bank = make_bank(H, 1, True)
+        args = forward_args(bank, 1, rng)
+        ours = best_time(lambda: kernels_cpu.forward_batch_serial(*args))
+        x = rng.normal(size=(1, 1)).astype(np.float32)
+        step = best_time(lambda: bank.step([0], x, learn=False))
+        row = dict(case="forward 1 sensor", H=H, ours_us=ours * 1e6, bank_step_us=step * 1e6)
+        if torch:
+            cell, head = torch.nn.LSTMCell(1, H), torch.nn.Linear(H, 1)
+            xt, h, c = torch.zeros(1, 1), torch.zeros(1, H), torch.zeros(1, H)
+
+            def torch_step():
+                with torch.no_grad():
+                    h2, c2 = cell(xt, (h, c))
+                    head(h2)
+
+            row["torch_us"] = best_time(torch_step) * 1e6
+            row["ratio"] = row["torch_us"] / row["ours_us"]
+        out.append(row)
+
+
+def bench_train_single(torch, rng, out, H=64, T=32):
+    bank = make_bank(H, 1, False, T=T)
+    for _ in range(T + 1):
+        bank.step([0], rng.normal(size=(1, 1)), learn=False)
+    hp, ip = hyper_arrays(bank.spec)
+    slots = np.zeros(1, np.int64)
+    x = rng.normal(size=(1, 1)).astype(np.float32)
+    scale = np.ones(1)
+    loss, status = np.empty(1), np.zeros(1, np.int64)
+    args = (False, slots, x, scale, bank.theta, bank.m, bank.v, bank.adam_t, bank.offs, hp, ip, bank.ring_x,
+            bank.ring_h, bank.ring_c, bank.ring_pos, bank.ring_len, loss, status)
+    ours = best_time(lambda: kernels_cpu.train_batch_serial(*args))
+    row = dict(case="train step 1 sensor (T=32, Adam)", H=H, ours_us=ours * 1e6)
+    if torch:
+        lstm, head = torch.nn.LSTM(1, H, batch_first=True), torch.nn.Linear(H, 1)
+        opt = torch.optim.Adam(list(lstm.parameters()) + list(head.parameters()), lr=1e-3)
+        xs, ys = torch.randn(1, T, 1), torch.randn(1, T, 1)
+        h0, c0 = torch.zeros(1, 1, H), torch.zeros(1, 1, H)
+
+        def torch_step():
+            opt.zero_grad()
+            out_, _ = lstm(xs, (h0, c0))
+            loss_ = torch.nn.functional.huber_loss(head(out_), ys)
+            loss_.backward()
+            torch.nn.utils.clip_grad_norm_(list(lstm.parameters()) + list(head.parameters()), 1.0)
+            opt.step()
+
+        row["torch_us"] = best_time(torch_step) * 1e6
+        row["ratio"] = row["torch_us"] / row["ours_us"]
+    out.append(row)
+
+
+def sgemm_peak(threads):
+    a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(np.float32)
+    t = best_time(lambda: a @ a, repeat=3, min_time=0.5)
+    return 2 * 2048**3 / t / 1e9
+
+
+def memory_bandwidth():
+    a = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, far beyond cache
+    b = np.empty_like(a)
+    t = best_time(lambda: np.copyto(b, a), repeat=5, min_time=0.3)
+    return 2 * a.nbytes / t / 1e9  # read + write
+
+
+def bench_batched(torch, rng, out, threads, H=64):
+    peak = sgemm_peak(threads)
+    for B in (64, 1024, 10000):
+        bank = make_bank(H, B, True)
+        args = forward_args(bank, B, rng)
+        chunks = min(B, threads * 4)
+        fn = (lambda: kernels_cpu.forward_batch_parallel(*args, chunks)) if threads > 1 else (
+            lambda: kernels_cpu.forward_batch_serial(*args))
+        ours = best_time(fn, repeat=5)
+        flops = B * (2 * 4 * H * (1 + H) + 2 * H)
+        row = dict(case="batched forward, shared", H=H, B=B, ours_us=ours * 1e6, gflops=flops / ours / 1e9,
+                   sgemm_peak_gflops=peak, pct_of_peak=100 * flops / ours / 1e9 / peak)
+        if torch:
+            cell, head = torch.nn.LSTMCell(1, H), torch.nn.Linear(H, 1)
+            xt, h, c = torch.randn(B, 1), torch.zeros(B, H), torch.zeros(B, H)
+
+            def torch_step():
+                with torch.no_grad():
+                    h2, c2 = cell(xt, (h, c))
+                    head(h2)
+
+            row["torch_us"] = best_time(torch_step, repeat=5) * 1e6
+            row["ratio"] = row["torch_us"] / row["ours_us"]
+        out.append(row)
+
+
+def bench_per_sensor(torch, rng, out, threads, H=64, B=10000):
+    bw = memory_bandwidth()
+    bank = make_bank(H, B, False, T=4)
+    args = forward_args(bank, B, rng)
+    chunks = min(B, threads * 4)
+    fn = (lambda: kernels_cpu.forward_batch_parallel(*args, chunks)) if threads > 1 else (
+        lambda: kernels_cpu.forward_batch_serial(*args))
+    ours = best_time(fn, repeat=3)
+    weight_bytes = bank.theta[:B].nbytes
+    row = dict(case="per-sensor weights forward", H=H, B=B, ours_us=ours * 1e6, gbps=weight_bytes / ours / 1e9,
+               mem_bandwidth_gbps=bw)
+    if torch:
+        G = 4 * H
+        wx, wh = torch.randn(B, 1, G), torch.randn(B, H, G)
+        bias = torch.randn(B, 1, G)
+        wy = torch.randn(B, H, 1)
+        xt, h, c = torch.randn(B, 1, 1), torch.zeros(B, 1, H), torch.zeros(B, 1, H)
+
+        def torch_step():
+            with torch.no_grad():
+                g = torch.baddbmm(bias, xt, wx)
+                g = torch.baddbmm(g, h, wh)
+                i, f, gg, o = g.chunk(4, dim=2)
+                c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+                h2 = torch.sigmoid(o) * torch.tanh(c2)
+                torch.bmm(h2, wy)
+
+        row["torch_us"] = best_time(torch_step, repeat=3) * 1e6
+        row["ratio"] = row["torch_us"] / row["ours_us"]
+    out.append(row)
+
+
+def bench_compile(out):
+    """Cold and warm JIT time of every kernel, in fresh processes with a private cache."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=repo)
+        times = []
+        for _ in range(2):
+            r = subprocess.run([sys.executable, "-c", "import time; t=time.perf_counter(); "
+                                "from streamlstm.warmup import compile_all; compile_all(); print(time.perf_counter()-t)"],
+                               env=env, capture_output=True, text=True, check=True)
+            times.append(float(r.stdout.strip().splitlines()[-1]))
+    out.append(dict(case="JIT compile, all kernels", cold_s=times[0], warm_s=times[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--skip-compile", action="store_true")
+    args = ap.parse_args()
+    import numba
+
+    threads = numba.get_num_threads()
+    torch = try_torch(threads)
+    rng = np.random.default_rng(0)
+    out = []
+    bench_forward_single(torch, rng, out)
+    bench_train_single(torch, rng, out)
+    bench_batched(torch, rng, out, threads)
+    bench_per_sensor(torch, rng, out, threads)
+    if not args.skip_compile:
+        bench_compile(out)
+    info = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
+                cpu=_cpu_name(), threads=threads, numba=numba.__version__, torch=torch.__version__ if torch else None)
+    print(json.dumps(info))
+    for row in out:
+        print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, results=out), f, indent=1)
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Command line: ``streamlstm run | check-config | warmup | replay | evaluate | demo``.
+
+Exit status 2 means a configuration problem (the systemd unit does not restart on it); the
+message names the key path and no traceback is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+import time
+
+from .config import ConfigError, load_config, parse_config
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamlstm", description="Online LSTM anomaly detection for MQTT sensor streams.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser("run", help="run the daemon (the systemd service's main process)")
+    r.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML configuration")
+
+    c = sub.add_parser("check-config", help="validate a configuration file (prints OK or the problems)")
+    c.add_argument("file", nargs="?", metavar="FILE")
+    c.add_argument("-c", "--config", metavar="FILE", help="same as FILE")
+
+    w = sub.add_parser("warmup", help="compile every kernel the configured models need into Numba's cache")
+    w.add_argument("-c", "--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
+
+    rp = sub.add_parser("replay", help="run a CSV series (timestamp,value[,...]) through the detector")
+    rp.add_argument("file", metavar="FILE.csv")
+    rp.add_argument("--labels", metavar="WINDOWS.json", help="NAB windows file: also print the NAB score")
+    rp.add_argument("--out", default="out", metavar="DIR", help="output directory (default: out)")
+    rp.add_argument("--sensor", help="sensor id to replay as (default: the file name without .csv)")
+    rp.add_argument("--no-plot", action="store_true", help="do not write a PNG even if matplotlib is installed")
+    rp.add_argument("-c", "--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
+
+    e = sub.add_parser("evaluate", help="replay every CSV under DIR and score the corpus the way NAB does")
+    e.add_argument("dir", metavar="DIR")
+    e.add_argument("--labels", required=True, metavar="WINDOWS.json", help="NAB combined_windows.json")
+    e.add_argument("--processes", type=int, default=0, help="worker processes (default: one per CPU, at most one per file)")
+    e.add_argument("-c", "--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
+
+    d = sub.add_parser("demo", help="local broker, simulated sensors and the daemon, printing events")
+    d.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the demo")
+    return p
+
+
+def _config_error(path, exc: ConfigError) -> int:
+    print(f"streamlstm: configuration error in {path}:\n{exc}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _load(path):
+    return parse_config(None) if path is None else load_config(path)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    cmd = args.command
+    try:
+        if cmd == "run":
+            from .daemon import run
+            return run(args.config)
+        if cmd == "check-config":
+            return _check_config(args)
+        if cmd == "warmup":
+            return _warmup(args)
+        if cmd == "replay":
+            return _replay(args)
+        if cmd == "evaluate":
+            return _evaluate(args)
+        if cmd == "demo":
+            return _demo(args)
+    except ConfigError as exc:
+        return _config_error(getattr(args, "config", None) or "(defaults)", exc)
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(cmd)  # pragma: no cover - argparse only lets known commands through
+
+
+def _check_config(args) -> int:
+    path = args.file or args.config
+    if path is None:
+        print("streamlstm check-config: give FILE (or -c FILE)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        config = load_config(path)
+        from .daemon import input_specs
+        from .payload import PayloadParser
+        PayloadParser(input_specs(config))
+    except ConfigError as exc:
+        return _config_error(path, exc)
+    except ValueError as exc:
+        return _config_error(path, ConfigError("inputs", str(exc)))
+    groups = ", ".join(f"{g.name} ({g.match})" for g in config.groups)
+    print(f"OK: {path}: groups {groups}")
+    return EXIT_OK
+
+
+def _warmup(args) -> int:
+    from .backend import BackendUnavailable
+    from .daemon import configure_logging, warm_kernels
+
+    configure_logging("WARNING")
+    config = _load(args.config)
+    t0 = time.perf_counter()
+    try:
+        timings = warm_kernels(config)
+    except BackendUnavailable as exc:
+        return _config_error(args.config or "(defaults)", ConfigError("backend.kind", str(exc)))
+    for group, seconds in timings.items():
+        print(f"group {group}: kernels ready in {seconds:.1f} s")
+    print(f"warmup done in {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
+
+
+def _group_threshold(detector, sensor: str) -> float:
+    g = detector.group_for(sensor)
+    det = detector.active.get(g.name)
+    return float(det.threshold) if det is not None else float(g.detector.threshold)
+
+
+def _replay(args) -> int:
+    import numpy as np
+
+    from . import nab, replay
+    from .factory import build_detector
+
+    config = _load(args.config)
+    path = pathlib.Path(args.file)
+    try:
+        seconds, stamps, values = replay.read_series(path)
+    except (OSError, ValueError) as exc:
+        print(f"streamlstm replay: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    windows = None
+    if args.labels:
+        all_windows = nab.load_windows(args.labels)
+        key = replay.labels_key(path, all_windows)
+        if key is None:
+            print(f"streamlstm replay: {args.labels} has no windows for {path}", file=sys.stderr)
+            return EXIT_FAILURE
+        windows = (key, all_windows[key])
+    sensor = args.sensor or path.stem
+    detector = build_detector(config)
+    t0 = time.perf_counter()
+    result = replay.replay_series(detector, sensor, seconds, values,
+                                  progress=replay.Progress(len(seconds), f"replay {path.name}"))
+    wall = time.perf_counter() - t0
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / f"{path.stem}.replay.csv"
+    events_path = out / f"{path.stem}.events.jsonl"
+    replay.write_rows(rows_path, stamps, values, result)
+    result["incidents"] = replay.write_events(events_path, result)
+    result["threshold"] = _group_threshold(detector, sensor)
+    print(f"{path}: {len(seconds)} rows in {wall:.1f} s, {len(result['incidents'])} incidents")
+    print(f"rows: {rows_path}\nevents: {events_path}")
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is not None:
+        png = out / f"{path.stem}.png"
+        replay.plot(png, seconds, values, result, windows[1] if windows else ())
+        print(f"plot: {png}")
+    if windows is not None:
+        key, wins = windows
+        corpus = {key: ((seconds * 1e6).astype("datetime64[us]"), np.asarray(result["alert"]))}
+        labelled = {key: wins}
+        best = nab.sweep(corpus, labelled, "standard")
+        em = nab.event_metrics(corpus, labelled, best.threshold)
+        print(f"NAB standard score {best.normalised:.1f} (threshold {best.threshold:.4f}); "
+              f"precision {em.precision:.2f} recall {em.recall:.2f} (TP {em.tp}, FN {em.fn}, FP {em.fp})")
+    return EXIT_OK
+
+
+def _evaluate(args) -> int:
+    from . import nab, replay
+
+    config = _load(args.config)
+    root = pathlib.Path(args.dir)
+    files = sorted(p for p in root.rglob("*.csv") if p.is_file())
+    if not files:
+        print(f"streamlstm evaluate: no .csv files under {root}", file=sys.stderr)
+        return EXIT_FAILURE
+    windows = nab.load_windows(args.labels)
+    replay.evaluate(config, files, windows, processes=args.processes)
+    return EXIT_OK
+
+
+def _demo(args) -> int:
+    try:
+        from . import demo
+    except ImportError as exc:
+        print(f"streamlstm demo is not available: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return demo.main(args.args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,885 @@
+"""The daemon pipeline: MQTT in -> bounded queue -> micro-batches -> detector -> events out.
+
+Threads
+
+* paho's network thread (`mqtt_io`): parses each message (`PayloadParser`, never raises),
+  counts rejected payloads, and puts ``(reading, ack token)`` entries into `ReadingQueue`.
+* worker (the only thread that touches the detector): takes up to ``pipeline.max_batch``
+  entries, waiting at most ``pipeline.max_delay_ms`` for a batch to fill, makes one
+  `Detector.process` call, publishes events / state, updates metrics, acks, pings the watchdog,
+  takes checkpoint snapshots and applies reloads between batches.
+* checkpoint writer: writes the snapshots the worker hands over (a slow disk does not stall
+  the worker); the final checkpoint at shutdown is written by the worker itself.
+* main: start-up, signals (SIGTERM/SIGINT stop, SIGHUP reload), shutdown.
+
+Backpressure and acks: the queue holds at most ``pipeline.queue_size`` entries (one per
+reading, one per payload without readings). When it is full, the network thread blocks in
+`ReadingQueue.put` until the worker frees room: paho stops reading the socket, TCP flow
+control and the MQTT 5 Receive Maximum stop the broker, which keeps the rest queued in our
+persistent session. Nothing is dropped and memory stays bounded. (Blocking also delays
+paho's keepalive pings; a worker stalled for 1.5 x keepalive gets us disconnected, and the
+systemd watchdog restarts a worker stalled that long anyway.)
+
+A message is acknowledged only after all of its readings went through the detector: its
+token rides on its last reading (or on a marker entry when it had none, e.g. a rejected
+payload), and the FIFO order makes every earlier entry done by then. Acks therefore leave in
+the order the messages arrived. Delivery is at-least-once: after a crash or a reconnect the
+broker redelivers what was not acked yet (readings with a timestamp are then rejected as
+``duplicate_timestamp``).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import faulthandler
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from .checkpoint import CheckpointError, CheckpointStore, quarantine
+from .config import ConfigError, load_config
+from .payload import InputSpec, ParseResult, PayloadParser
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "Daemon", "ReadingQueue", "ReloadRefused", "checkpoint_meta", "configure_logging",
+    "event_message", "expand_paths", "package_version", "run", "state_message", "warm_kernels",
+]
+
+log = logging.getLogger("streamlstm")
+
+CHECKPOINT_FORMAT = "streamlstm-daemon"
+CHECKPOINT_FORMAT_VERSION = 1
+DRAIN_TIMEOUT_S = 60.0        # SIGTERM: longest drain before the final checkpoint (TimeoutStopSec=120)
+IDLE_WAKE_S = 0.5             # worker wakes at least this often (watchdog, checkpoints, reloads)
+STATE_MIN_INTERVAL_S = 1.0    # per-sensor state topic: at most one message per second unless the flag flips
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        return version("streamlstm")
+    except (ImportError, PackageNotFoundError):
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------------- config paths
+
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+# File-path settings that may use ${CREDENTIALS_DIRECTORY} (systemd LoadCredential=) or $VARS.
+PATH_KEYS = (
+    ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"), ("mqtt", "tls", "cert_file"),
+    ("mqtt", "tls", "key_file"), ("mqtt", "tls", "key_password_file"), ("metrics", "tls_cert_file"),
+    ("metrics", "tls_key_file"), ("metrics", "basic_auth_password_file"), ("checkpoint", "directory"),
+)
+
+
+def _expand(value: str, key: str, env) -> str:
+    def sub(m):
+        name = m.group(1) or m.group(2)
+        got = env.get(name)
+        if got is None:
+            hint = " (set by systemd's LoadCredential=; outside systemd set it yourself)" \
+                if name == "CREDENTIALS_DIRECTORY" else ""
+            raise ConfigError(key, f"environment variable ${name} used in {value!r} is not set{hint}")
+        return got
+    return _VAR.sub(sub, value)
+
+
+def expand_paths(config, env=None):
+    """Config with ``$VAR`` / ``${VAR}`` expanded in file-path settings; ConfigError (key path)
+    when a variable is unset."""
+    env = os.environ if env is None else env
+    errors = []
+    for keys in PATH_KEYS:
+        obj = config
+        for k in keys:
+            obj = getattr(obj, k)
+        if obj is None or "$" not in obj:
+            continue
+        try:
+            value = _expand(obj, ".".join(keys), env)
+        except ConfigError as e:
+            errors.extend(e.errors)
+            continue
+        config = _replace_path(config, keys, value)
+    if errors:
+        raise ConfigError("", errors=errors)
+    return config
+
+
+def _replace_path(obj, keys, value):
+    if len(keys) == 1:
+        return dataclasses.replace(obj, **{keys[0]: value})
+    return dataclasses.replace(obj, **{keys[0]: _replace_path(getattr(obj, keys[0]), keys[1:], value)})
+
+
+def input_specs(config) -> list:
+    return [InputSpec(topic=i.topic, format=i.format, value_fields=i.value_fields, timestamp_field=i.timestamp_field,
+                      timestamp_unit=i.timestamp_unit, max_payload_bytes=config.mqtt.max_payload_bytes)
+            for i in config.inputs]
+
+
+# ----------------------------------------------------------------------------------------- queue
+
+class ReadingQueue:
+    """Bounded FIFO of ``(reading or None, ack token or None)``; capacity counted in entries."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._closed = False
+        self._want = 1  # entries the waiting consumer needs before it is worth waking it
+        self.blocked_s = 0.0  # producer time spent waiting for room (backpressure)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, entries: list) -> bool:
+        """Append all `entries` in order, blocking while the queue is full (backpressure).
+
+        False when the queue was closed first; entries not yet appended then are dropped,
+        unacknowledged (the broker redelivers them).
+        """
+        i, n = 0, len(entries)
+        with self._lock:
+            while i < n:
+                if self._closed:
+                    return False
+                free = self.capacity - len(self._items)
+                if free <= 0:
+                    t0 = time.monotonic()
+                    self._not_full.wait(0.5)
+                    self.blocked_s += time.monotonic() - t0
+                    continue
+                j = min(n, i + free)
+                self._items.extend(entries if (i == 0 and j == n) else entries[i:j])
+                i = j
+                if len(self._items) >= self._want:
+                    self._not_empty.notify()
+        return True
+
+    def get_batch(self, max_items: int, max_delay_s: float, idle_s: float) -> list:
+        """Up to `max_items` entries: waits `idle_s` for a first one, then up to `max_delay_s`
+        for the batch to fill. [] when nothing came."""
+        with self._lock:
+            if not self._items:
+                self._want = 1
+                self._not_empty.wait(idle_s)
+                if not self._items:
+                    return []
+            if len(self._items) < max_items and max_delay_s > 0 and not self._closed:
+                self._want = max_items
+                deadline = time.monotonic() + max_delay_s
+                while len(self._items) < max_items and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._not_empty.wait(left)
+                self._want = 1
+            k = min(max_items, len(self._items))
+            pop = self._items.popleft
+            out = [pop() for _ in range(k)]
+            self._not_full.notify_all()
+            return out
+
+    def close(self) -> None:
+        """No more puts (blocked producers return False); gets drain what is left."""
+        with self._lock:
+            self._closed = True
+            self._not_full.notify_all()
+            self._not_empty.notify_all()
+
+
+# -------------------------------------------------------------------------------------- messages
+
+def _num(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _values(seq):
+    """One-field readings as numbers, vectors as lists; NaN as null."""
+    vals = [_num(v) for v in seq]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def event_message(kind: str, incident) -> bytes:
+    """JSON of one event. value/prediction/residual/score are those of the reading that opened
+    the incident; end is null while it is open.
+
+    The detector reports both events of an incident with the same (mutable) Incident, which
+    may already be closed when its "anomaly" event is published (both in one batch): an
+    "anomaly" event therefore shows the incident as it was when it opened.
+    """
+    opening = kind == "anomaly"
+    return json.dumps({
+        "event": kind,
+        "sensor": incident.sensor,
+        "group": incident.group,
+        "start": _num(incident.start),
+        "end": None if opening or incident.end is None else _num(incident.end),
+        "timestamp": _num(incident.timestamp),
+        "value": _values(incident.value),
+        "prediction": _values(incident.prediction),
+        "residual": _values(incident.residual),
+        "score": _num(incident.score),
+        "threshold": _num(incident.threshold),
+        "peak_score": _num(incident.score if opening else incident.peak_score),
+        "peak_timestamp": _num(incident.timestamp if opening else incident.peak_timestamp),
+        "readings": 1 if opening else int(incident.readings),
+    }, allow_nan=False, separators=(",", ":")).encode()
+
+
+def state_message(batch, i: int, width: int) -> bytes:
+    """JSON of a sensor's latest state (retained per-sensor state topic)."""
+    return json.dumps({
+        "sensor": batch.sensors[i],
+        "group": batch.groups[i],
+        "timestamp": _num(batch.timestamps[i]),
+        "value": _values(batch.values[i]),
+        "prediction": _values(batch.prediction[i, :width]),
+        "residual": _values(batch.residual[i, :width]),
+        "score": _num(batch.score[i]),
+        "threshold": _num(batch.threshold[i]),
+        "anomaly": bool(batch.is_anomaly[i]),
+    }, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _object_id(text: str) -> str:
+    # Home Assistant ids: [a-zA-Z0-9_-]; the hash keeps "a.b" and "a_b" apart.
+    clean = re.sub(r"[^A-Za-z0-9_-]", "_", text)[:64]
+    return f"{clean}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def discovery_message(config, sensor: str, group: str) -> tuple[str, bytes]:
+    """(topic, retained payload) announcing a sensor's anomaly flag as an HA binary_sensor."""
+    out = config.output
+    node = _object_id(config.mqtt.client_id)
+    obj = _object_id(sensor)
+    topic = f"{out.homeassistant.discovery_prefix}/binary_sensor/{node}/{obj}/config"
+    payload = {
+        "name": f"{sensor} anomaly",
+        "unique_id": f"{node}_{obj}",
+        "object_id": f"streamlstm_{obj}",
+        "device_class": "problem",
+        "state_topic": out.state_topic.replace("{sensor}", sensor),
+        "value_template": "{{ 'ON' if value_json.anomaly else 'OFF' }}",
+        "json_attributes_topic": out.state_topic.replace("{sensor}", sensor),
+        "availability_topic": out.status_topic,
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": {"identifiers": [f"streamlstm_{node}"], "name": f"streamlstm {config.mqtt.client_id}",
+                   "model": f"streamlstm group {group}", "sw_version": package_version()},
+    }
+    return topic, json.dumps(payload, separators=(",", ":")).encode()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def model_shapes(config) -> dict:
+    """What must match for a checkpoint to be reusable, per configured group (for humans)."""
+    return {g.name: {"weights": g.weights, "hidden_size": g.model.hidden_size, "num_layers": g.model.num_layers,
+                     "window": g.model.window, "dtype": g.model.dtype, "target_feature": g.model.target_feature}
+            for g in config.groups}
+
+
+def checkpoint_meta(config, detector_meta: dict) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+            "streamlstm_version": package_version(), "saved_at": time.time(),
+            "config_shape": model_shapes(config), "detector": detector_meta}
+
+
+def restore_detector(config, store: CheckpointStore, build):
+    """(detector, loaded?) from the store; an unusable checkpoint is moved aside -> cold start.
+
+    CheckpointError other than corrupt/incompatible (e.g. permission denied) propagates.
+    """
+    detector = build(config)
+    loaded = store.load()
+    if loaded is None:
+        return detector, False
+    arrays, meta = loaded
+    problem = None
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        problem = f"not a {CHECKPOINT_FORMAT} v{CHECKPOINT_FORMAT_VERSION} checkpoint (meta format " \
+                  f"{meta.get('format')!r} v{meta.get('format_version')!r})"
+    else:
+        try:
+            detector.load_state_dict(arrays, meta["detector"])
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            problem = f"does not fit the configured models: {exc}"
+    if problem is None:
+        return detector, True
+    try:
+        moved = quarantine(store.path)
+        log.error("checkpoint %s %s; moved to %s, cold start", store.path, problem, moved)
+    except CheckpointError as exc:
+        log.error("checkpoint %s %s; cold start (and: %s)", store.path, problem, exc)
+    return build(config), False
+
+
+# ---------------------------------------------------------------------------------------- warm-up
+
+def _glob_free(config):
+    """Per configured group, a one-group copy matching every sensor (dummy sensors need no
+    name that fits the group's glob)."""
+    from .factory import group_configs
+    return [dataclasses.replace(g, match="*") for g in group_configs(config)]
+
+
+def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
+    """Compile (or load from Numba's cache) every kernel the configured models use.
+
+    Steps dummy sensors of each group, through the backend the daemon would pick, long enough
+    to train, on throwaway detectors: nothing is kept. Returns {group: seconds}.
+    """
+    from .backend import make_backend
+    from .detector.detector import Detector, _Reading
+
+    b = config.backend
+    expected = min(config.pipeline.max_sensors, config.pipeline.max_batch)
+    widths = sorted({len(i.value_fields) for i in config.inputs} | {1})
+    timings = {}
+    for group in _glob_free(config):
+        t0 = time.perf_counter()
+        for width in widths:
+            try:
+                spec = group.spec(width)
+            except ValueError:
+                continue  # e.g. target_feature outside this width: such readings are refused anyway
+            rounds = group.detector.scaling_warmup + spec.window + spec.train_every + 2
+            for driver in drivers:
+                sensors = 1 if driver == "serial" else 2
+                pmb = 2 if driver == "parallel" else 1 << 30
+
+                def backend(name, pmb=pmb):
+                    return make_backend(b.kind, pmb, b.cuda_min_batch, expected_batch=expected)
+
+                det = Detector([group], backend, max_sensors=sensors)
+                t = np.arange(rounds, dtype=np.float64)
+                wave = np.sin(t / 3.0)
+                readings = [_Reading(f"warmup-{k}", 1.0e9 + t[r],
+                                     tuple(float(wave[r] + 0.1 * k + 0.01 * j) for j in range(width)))
+                            for r in range(rounds) for k in range(sensors)]
+                det.process(readings)
+        timings[group.name] = time.perf_counter() - t0
+    return timings
+
+
+# ----------------------------------------------------------------------------------------- logging
+
+def configure_logging(level: str = "INFO") -> None:
+    """Log lines to stderr; under systemd (journald adds time stamps) without our own."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_streamlstm", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
+            else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
+        handler._streamlstm = True
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+# ----------------------------------------------------------------------------------------- daemon
+
+class ReloadRefused(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class _Reload:
+    config: object
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: Optional[str] = None
+
+
+# Changing these needs a restart; a reload keeps the running values.
+_RESTART_ONLY = ("mqtt", "metrics", "backend", "pipeline.queue_size", "checkpoint.directory")
+
+
+def _restart_only_changes(old, new) -> list:
+    changed = []
+    for key in _RESTART_ONLY:
+        a, b = old, new
+        for part in key.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b:
+            changed.append(key)
+    return changed
+
+
+def _keep_restart_only(old, new):
+    new = dataclasses.replace(new, mqtt=old.mqtt, metrics=old.metrics, backend=old.backend)
+    new = dataclasses.replace(new, pipeline=dataclasses.replace(new.pipeline, queue_size=old.pipeline.queue_size))
+    return dataclasses.replace(new, checkpoint=dataclasses.replace(new.checkpoint, directory=old.checkpoint.directory))
+
+
+class Daemon:
+    """One running pipeline. `run()` blocks until stopped and returns the exit status."""
+
+    def __init__(self, config, config_path: Optional[str] = None, *, notifier=None, registry=None):
+        from prometheus_client import CollectorRegistry
+
+        from .ratelimit import RateLimitedLogger
+        from .sdnotify import SdNotifier
+
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier if notifier is not None else SdNotifier()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.rlog = RateLimitedLogger(log, config.logging.rejected_log_interval_s)
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._wake = threading.Event()
+        self._fatal: Optional[str] = None
+        self._reload: Optional[_Reload] = None
+        self.metrics = None
+        self.metrics_server = None
+        self.mqtt = None
+        self.detector = None
+        self.queue = ReadingQueue(config.pipeline.queue_size)
+        self.parser = PayloadParser(input_specs(config))
+        self.store = CheckpointStore(config.checkpoint.directory)
+        self._ckpt_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._ckpt_future: Optional[concurrent.futures.Future] = None
+        self._last_ckpt_unix: Optional[float] = None
+        self._state_sent: dict = {}  # sensor -> (monotonic time, anomaly flag) of the last state message
+        self._announced: set = set()  # sensors with a Home Assistant discovery message
+        self._kernel_seconds: dict = {}
+        self._worker: Optional[threading.Thread] = None
+        self.processed = 0
+
+    # --- signals (main thread) -------------------------------------------------------------
+
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self, *_args) -> None:
+        self._reload_requested.set()
+        self._wake.set()
+
+    # --- start-up --------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        from .backend import make_backend
+        from .factory import build_detector
+        from .metrics import Metrics, serve
+        from .mqtt_io import MqttIO
+
+        cfg = self.config
+        b = cfg.backend
+        backend_name = make_backend(b.kind, b.parallel_min_batch, b.cuda_min_batch,
+                                    expected_batch=min(cfg.pipeline.max_sensors, cfg.pipeline.max_batch)).name
+        m = cfg.metrics
+        self.metrics = Metrics(self.registry, version=package_version(), backend=backend_name,
+                               per_sensor=m.per_sensor, per_sensor_cap=m.per_sensor_cap,
+                               silent_after_s=m.silent_after_s)
+        self.metrics.init_groups([g.name for g in cfg.groups])
+        self.metrics.track_queue(lambda: len(self.queue), self.queue.capacity)
+        self.metrics.track_checkpoint_age(self._checkpoint_age)
+        # Before anything slow: secrets and TLS files are checked here (ConfigError -> exit 2).
+        self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self.parser.subscriptions, self._on_message,
+                           metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
+                           log_interval_s=cfg.logging.rejected_log_interval_s)
+        if m.enabled:
+            self.metrics_server = serve(m, self.registry)
+            log.info("metrics on %s", self.metrics_server.url)
+
+        self.notifier.status("loading models")
+        self.detector, loaded = restore_detector(cfg, self.store, build_detector)
+        if loaded:
+            age = self.store.age_seconds()
+            self._last_ckpt_unix = None if age is None else time.time() - age
+            log.info("checkpoint %s loaded: %d sensors", self.store.path, self.detector.sensor_count())
+        else:
+            log.info("no usable checkpoint in %s: starting with fresh models", self.store.directory)
+        self._sync_sensor_gauges()
+        self.notifier.status("loading kernels")
+        t0 = time.perf_counter()
+        warm_kernels(cfg)
+        log.info("kernels ready in %.1f s (backend %s)", time.perf_counter() - t0, backend_name)
+
+    def _checkpoint_age(self) -> Optional[float]:
+        last = self._last_ckpt_unix
+        return None if last is None else max(0.0, time.time() - last)
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT (or `request_stop`), shut down. Exit status."""
+        try:
+            self._setup()
+        except CheckpointError as exc:
+            log.error("cannot read the checkpoint: %s", exc)
+            return EXIT_FAILURE
+        self._worker = threading.Thread(target=self._worker_main, name="worker", daemon=True)
+        self._worker.start()
+        self.mqtt.start()
+        self.notifier.status(f"connecting to MQTT broker {self.config.mqtt.host}:{self.config.mqtt.port}")
+        t0 = time.monotonic()
+        while not self._stop.is_set() and not self.mqtt.wait_subscribed(0.2):
+            if time.monotonic() - t0 > 10:
+                self.notifier.status(f"waiting for MQTT broker {self.config.mqtt.host}:{self.config.mqtt.port}")
+                t0 = time.monotonic()
+        if not self._stop.is_set():
+            self.notifier.ready(self._status_text())
+            log.info("ready")
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._fatal is not None:
+                break
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._do_reload()
+        return self._shutdown()
+
+    def _status_text(self) -> str:
+        return f"running: {self.detector.sensor_count()} sensors, {len(self.detector.active)} active groups"
+
+    # --- network thread ---------------------------------------------------------------------
+
+    def _on_message(self, topic, payload, token) -> None:
+        if topic is None:
+            result = ParseResult([], [("unknown_topic", "topic is not UTF-8")])
+        else:
+            result = self.parser.parse(topic, payload)
+        for reason, detail in result.rejected:
+            self.metrics.rejected_payload(reason)
+            self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): %s", reason, detail)
+        readings = result.readings
+        if readings:
+            if token is None:
+                entries = [(r, None) for r in readings]
+            else:
+                entries = [(r, None) for r in readings[:-1]]
+                entries.append((readings[-1], token))
+        elif token is not None:
+            entries = [(None, token)]  # nothing to process: acked in turn, after earlier messages
+        else:
+            return
+        self.queue.put(entries)
+
+    # --- worker -----------------------------------------------------------------------------
+
+    def _worker_main(self) -> None:
+        try:
+            self._worker_loop()
+        except BaseException as exc:  # noqa: BLE001 - report and let main exit non-zero
+            log.critical("worker failed: %s", exc, exc_info=True)
+            self._fatal = f"worker failed: {exc}"
+            self._wake.set()
+
+    def _worker_loop(self) -> None:
+        wd = self.notifier.watchdog_interval_s()
+        ping_every = wd / 4 if wd else None
+        idle = min(IDLE_WAKE_S, ping_every) if ping_every else IDLE_WAKE_S
+        last_ping = -math.inf
+        next_ckpt = time.monotonic() + self.config.checkpoint.interval_s
+        drain_deadline = None
+        while True:
+            if self._reload is not None:
+                self._apply_reload(self._reload)
+                self._reload = None
+            p = self.config.pipeline
+            entries = self.queue.get_batch(p.max_batch, p.max_delay_ms / 1000.0, idle)
+            if entries:
+                self._handle(entries)
+            now = time.monotonic()
+            self.metrics.progress()
+            self.metrics.update_silent()
+            if ping_every is not None and now - last_ping >= ping_every:
+                self.notifier.watchdog()  # only from here: a stuck worker stops the pings
+                last_ping = now
+            if now >= next_ckpt:
+                self._checkpoint_async()
+                next_ckpt = now + self.config.checkpoint.interval_s
+            if self.queue.closed:
+                if drain_deadline is None:
+                    drain_deadline = now + DRAIN_TIMEOUT_S
+                if not len(self.queue):
+                    break
+                if now > drain_deadline:
+                    log.warning("drain timeout: %d queued readings left unacknowledged (redelivered on "
+                                "the next start)", len(self.queue))
+                    break
+
+    def _handle(self, entries: list) -> None:
+        readings = [r for r, _ in entries if r is not None]
+        if readings:
+            try:
+                self._process(readings)
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop the daemon
+                self.rlog.log("process", logging.ERROR, "processing a batch of %d readings failed: %s: %s",
+                              len(readings), type(exc).__name__, exc)
+                log.debug("traceback", exc_info=True)
+        for _, token in entries:
+            if token is not None:
+                self.mqtt.ack(token)
+
+    def _process(self, readings: list) -> None:
+        det = self.detector
+        before = {name: g.kernel_seconds for name, g in det.active.items()}
+        batch = det.process(readings)
+        step = {name: g.kernel_seconds - before.get(name, 0.0) for name, g in det.active.items()
+                if name in batch.losses}
+        self.processed += len(readings)
+        self.metrics.observe_batch(batch, step)
+        self._sync_sensor_gauges()
+        self._log_rejections(batch)
+        out = self.config.output
+        for kind, incident in batch.events:
+            topic = out.events_topic.replace("{sensor}", incident.sensor)
+            if self.mqtt.publish(topic, event_message(kind, incident), qos=out.events_qos,
+                                 expiry_s=out.message_expiry_s or None):
+                self.metrics.events_published.inc()
+            log.info("%s: sensor %s (group %s) score %.4f", kind, incident.sensor, incident.group, incident.score)
+        if out.state_topic is not None:
+            self._publish_states(batch)
+
+    def _sync_sensor_gauges(self) -> None:
+        self.metrics.set_sensor_counts({name: len(g.names) for name, g in self.detector.active.items()})
+
+    def _log_rejections(self, batch) -> None:
+        cap = self.config.pipeline.max_sensors
+        for i, reason in enumerate(batch.reason):
+            if not reason:
+                continue
+            if reason == "sensor_cap":
+                self.rlog.log(("rejected", reason), logging.WARNING,
+                              "rejected (sensor_cap): sensor %r: pipeline.max_sensors=%d reached", batch.sensors[i], cap)
+            else:
+                self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): sensor %r at %s",
+                              reason, batch.sensors[i], batch.timestamps[i])
+
+    def _publish_states(self, batch) -> None:
+        out = self.config.output
+        announce = out.homeassistant.enabled
+        latest = {}
+        for i, reason in enumerate(batch.reason):
+            if not reason:
+                latest[batch.sensors[i]] = i
+        now = time.monotonic()
+        for sensor, i in latest.items():
+            flag = bool(batch.is_anomaly[i])
+            sent = self._state_sent.get(sensor)
+            if sent is not None and now - sent[0] < STATE_MIN_INTERVAL_S and sent[1] == flag:
+                continue
+            if announce and sensor not in self._announced:
+                topic, payload = discovery_message(self.config, sensor, batch.groups[i])
+                if self.mqtt.publish(topic, payload, qos=1, retain=True):
+                    self._announced.add(sensor)
+            width = self.detector.active[batch.groups[i]].spec.output_size
+            if self.mqtt.publish(out.state_topic.replace("{sensor}", sensor), state_message(batch, i, width),
+                                 qos=1, retain=True):
+                self._state_sent[sensor] = (now, flag)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _snapshot(self):
+        arrays, meta = self.detector.state_dict()  # copies: the worker may go on at once
+        return arrays, checkpoint_meta(self.config, meta)
+
+    def _save(self, arrays, meta) -> bool:
+        t0 = time.perf_counter()
+        try:
+            self.store.save(arrays, meta)
+        except (CheckpointError, OSError, ValueError, TypeError) as exc:
+            self.metrics.checkpoint_errors.inc()
+            log.error("checkpoint failed (the daemon keeps running): %s", exc)
+            return False
+        self._last_ckpt_unix = time.time()
+        log.debug("checkpoint written in %.2f s", time.perf_counter() - t0)
+        return True
+
+    def _checkpoint_async(self) -> None:
+        if self._ckpt_future is not None and not self._ckpt_future.done():
+            log.warning("previous checkpoint still being written: skipping this one")
+            return
+        try:
+            arrays, meta = self._snapshot()
+        except Exception as exc:  # noqa: BLE001
+            self.metrics.checkpoint_errors.inc()
+            log.error("checkpoint snapshot failed: %s", exc)
+            return
+        self._ckpt_future = self._ckpt_pool.submit(self._save, arrays, meta)
+
+    def final_checkpoint(self) -> bool:
+        if self._ckpt_future is not None:
+            self._ckpt_future.result()
+        try:
+            arrays, meta = self._snapshot()
+        except Exception as exc:  # noqa: BLE001
+            self.metrics.checkpoint_errors.inc()
+            log.error("final checkpoint snapshot failed: %s", exc)
+            return False
+        return self._save(arrays, meta)
+
+    # --- reload -----------------------------------------------------------------------------
+
+    def _do_reload(self) -> None:
+        """SIGHUP (main thread): re-read the config and apply what can change at runtime."""
+        self.notifier.reloading()
+        old = self.config
+        try:
+            new = expand_paths(load_config(self.config_path))
+        except ConfigError as exc:
+            log.error("reload: configuration %s has errors, keeping the running one:\n%s", self.config_path, exc)
+            self.notifier.ready(self._status_text())
+            return
+        ignored = _restart_only_changes(old, new)
+        if ignored:
+            log.warning("reload: changes to %s need a restart; keeping the running values", ", ".join(ignored))
+        new = _keep_restart_only(old, new)
+        try:
+            parser = PayloadParser(input_specs(new))
+        except ValueError as exc:
+            log.error("reload refused: inputs: %s; keeping the running configuration", exc)
+            self.notifier.ready(self._status_text())
+            return
+        req = _Reload(new)
+        self._reload = req
+        if not req.done.wait(120.0) or self._fatal:
+            log.error("reload: the worker did not apply it in time")
+            self.notifier.ready(self._status_text())
+            return
+        if req.error is not None:
+            log.error("reload refused: %s; keeping the running configuration", req.error)
+            self.notifier.ready(self._status_text())
+            return
+        self.parser = parser  # one reference swap: the network thread picks it up with the next message
+        self.mqtt.set_subscriptions(parser.subscriptions)
+        self.rlog.interval_s = float(new.logging.rejected_log_interval_s)
+        logging.getLogger().setLevel(new.logging.level)
+        log.info("reload: configuration %s applied (thresholds: %s)", self.config_path,
+                 ", ".join(f"{g.name}={g.detector.threshold}" for g in new.groups))
+        self.notifier.ready(self._status_text())
+
+    def _apply_reload(self, req: _Reload) -> None:
+        """Worker thread: move the learned state into a detector built from the new config."""
+        from .factory import build_detector, group_configs
+
+        try:
+            new_groups = {g.name: g for g in group_configs(req.config)}
+            old = self.detector
+            for name, gd in old.active.items():
+                g = new_groups.get(name)
+                if g is None:
+                    continue
+                want = (g.spec(gd.spec.input_size).shape_key(), g.weights == "shared")
+                have = (gd.spec.shape_key(), gd.shared)
+                if want != have:
+                    raise ReloadRefused(
+                        f"group {name!r}: model shape would change from {_shape_text(*have)} to {_shape_text(*want)}; "
+                        f"a running model cannot change shape (restart to start this group from scratch: its "
+                        f"checkpoint is then moved aside)")
+            detector = build_detector(req.config)
+            arrays, meta = old.state_dict()
+            try:
+                detector.load_state_dict(arrays, meta)
+            except (ValueError, KeyError, IndexError) as exc:
+                raise ReloadRefused(f"cannot carry the learned state over: {exc}") from None
+            self.detector = detector
+            self.config = req.config
+            self.metrics.init_groups([g.name for g in req.config.groups])
+            self.metrics.forget_sensors(lambda group, sensor: group in detector.active
+                                        and sensor in detector.active[group].sensors)
+            self._sync_sensor_gauges()
+        except ReloadRefused as exc:
+            req.error = str(exc)
+        except Exception as exc:  # noqa: BLE001
+            req.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            req.done.set()
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        status = EXIT_FAILURE if self._fatal else EXIT_OK
+        self.notifier.stopping("stopping: draining the queue")
+        log.info("stopping: %d queued readings to process", len(self.queue))
+        self.mqtt.close_intake()
+        self.queue.close()
+        if self._worker is not None:
+            self._worker.join(DRAIN_TIMEOUT_S + 30)
+            if self._worker.is_alive():
+                log.error("worker did not stop in time")
+                status = EXIT_FAILURE
+        if self._fatal:
+            log.error("no final checkpoint: %s (the last periodic one stays)", self._fatal)
+        elif self._worker is None or not self._worker.is_alive():
+            self.notifier.status("stopping: final checkpoint")
+            if self.final_checkpoint():
+                log.info("final checkpoint written to %s", self.store.path)
+        self._ckpt_pool.shutdown(wait=True)
+        self.mqtt.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.rlog.flush()
+        log.info("stopped after %d readings", self.processed)
+        return status
+
+
+def _shape_text(shape, shared) -> str:
+    i, h, layers, o, dtype = shape
+    return f"(inputs {i}, hidden {h}, layers {layers}, outputs {o}, {dtype}, {'shared' if shared else 'per-sensor'})"
+
+
+# ------------------------------------------------------------------------------------------- entry
+
+def run(config_path: str) -> int:
+    """`streamlstm run -c FILE`: the service's main process. Returns the exit status."""
+    faulthandler.enable()  # SIGABRT from the systemd watchdog dumps every thread's stack
+    configure_logging("INFO")
+    try:
+        config = expand_paths(load_config(config_path))
+    except ConfigError as exc:
+        print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.logging.level)
+    try:
+        daemon = Daemon(config, config_path)
+    except ValueError as exc:  # inputs the parser refuses although the schema accepted them
+        print(f"streamlstm: configuration error in {config_path}:\ninputs: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    handlers = {}
+    for sig, fn in ((signal.SIGTERM, daemon.request_stop), (signal.SIGINT, daemon.request_stop),
+                    (signal.SIGHUP, daemon.request_reload)):
+        handlers[sig] = signal.signal(sig, fn)
+    try:
+        return daemon.run()
+    except ConfigError as exc:
+        print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:  # backend unavailable, port in use, ...
+        from .backend import BackendUnavailable
+
+        if isinstance(exc, BackendUnavailable):
+            print(f"streamlstm: configuration error in {config_path}:\nbackend.kind: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        log.critical("cannot run: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return EXIT_FAILURE
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)

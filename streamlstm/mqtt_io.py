@@ -1,0 +1,379 @@
+"""paho-mqtt 2.x client wrapper: connect, subscribe in on_connect, manual ack, publish.
+
+What the daemon relies on:
+
+* Persistent session: MQTT 5 connects with ``clean_start=False`` and a Session Expiry Interval,
+  MQTT 3.1.1 with ``clean_session=False``; ``mqtt.client_id`` names the session. Together with
+  QoS 1 subscriptions and manual acks, readings published while the daemon is down or slow are
+  queued by the broker and delivered later.
+* Manual ack: `on_message` hands ``(topic, payload, token)`` to the daemon; the daemon calls
+  `ack(token)` once the message's readings are processed. A token is only valid on the
+  connection that delivered it: after a reconnect the broker redelivers unacknowledged
+  messages, so acks of older connections are dropped (a message id may be reused on the new
+  connection, and acking it would acknowledge a message nobody processed).
+* Subscriptions are (re)made in `on_connect`, so every reconnect resubscribes;
+  `set_subscriptions` changes them at runtime (SIGHUP).
+* Status: last will = retained ``offline`` on the status topic; retained ``online`` after each
+  connect; `stop()` publishes ``offline`` before a clean disconnect (which skips the will).
+* Nothing escapes a paho callback: an exception there would end paho's network thread.
+  Errors are counted (`callback_errors`) and logged rate-limited.
+
+The password is read with `read_secret` at construction and handed to paho; it is never logged.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import sys
+import threading
+import time
+from typing import Callable, Iterable, Optional
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from .config import ConfigError, read_secret
+from .ratelimit import RateLimitedLogger
+
+__all__ = ["MqttIO", "AckToken", "read_password"]
+
+log = logging.getLogger(__name__)
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+# Outgoing QoS >= 1 messages paho keeps while disconnected; beyond this publish() fails (counted)
+# instead of growing without bound.
+MAX_OUT_QUEUE = 10_000
+MAX_INFLIGHT_OUT = 100
+
+
+class AckToken(tuple):
+    """(connection generation, message id, qos) of a delivered QoS >= 1 message."""
+
+    __slots__ = ()
+
+
+def read_password(path: Optional[str], key: str) -> Optional[str]:
+    """The password in `path`; None when unset or when the file is empty.
+
+    An empty file is how an anonymous set-up satisfies the unit's LoadCredential= (install.md).
+    """
+    if path is None:
+        return None
+    try:
+        if os.path.getsize(path) == 0:
+            return None
+    except OSError:
+        pass  # read_secret reports the problem with the key path
+    try:
+        return read_secret(path, key)
+    except ConfigError as exc:
+        if exc.reason.endswith("is empty"):  # a lone newline
+            return None
+        raise
+
+
+def _check_readable(path: Optional[str], key: str) -> None:
+    if path is not None and not os.access(path, os.R_OK):
+        reason = "does not exist" if not os.path.exists(path) else "is not readable"
+        raise ConfigError(key, f"file {path!r} {reason}")
+
+
+class MqttIO:
+    """One paho client with a network thread (`start`/`stop`)."""
+
+    def __init__(self, cfg, status_topic: str, subscriptions: Iterable[str],
+                 on_message: Callable[[str, bytes, Optional[AckToken]], None], *, metrics=None,
+                 receive_maximum: int = 65535, log_interval_s: float = 10.0):
+        """`cfg`: the config's `MqttConfig` (file paths already expanded). `on_message(topic,
+        payload, token)` runs in paho's network thread; token is None for QoS 0 messages and
+        topic None for a topic that is not UTF-8."""
+        self.cfg = cfg
+        self.status_topic = status_topic
+        self._on_message_cb = on_message
+        self.metrics = metrics
+        self.v5 = cfg.protocol == "5"
+        self._rlog = RateLimitedLogger(log, log_interval_s)
+        self._lock = threading.Lock()
+        self._filters: tuple = tuple(dict.fromkeys(subscriptions))
+        self._generation = 0
+        self._pending_subs: dict = {}  # SUBSCRIBE mid -> filters
+        self._subscribed = threading.Event()
+        self._intake = True
+        self._stopping = False
+        self._ever_connected = False
+        self.callback_errors = 0
+        self.publish_failures = 0
+
+        if self.v5:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5,
+                                 manual_ack=True)
+        else:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv311,
+                                 clean_session=False, manual_ack=True)
+        client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)
+        client.max_queued_messages_set(MAX_OUT_QUEUE)
+        client.max_inflight_messages_set(MAX_INFLIGHT_OUT)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, read_password(cfg.password_file, "mqtt.password_file"))
+        if cfg.tls.enabled:
+            self._set_tls(client, cfg.tls)
+        client.will_set(status_topic, OFFLINE, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self.client = client
+
+        self._connect_props = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = int(cfg.session_expiry_s)
+            # Bounds how many unacknowledged messages the broker pushes at us.
+            props.ReceiveMaximum = max(1, min(65535, int(receive_maximum)))
+            self._connect_props = props
+
+    @staticmethod
+    def _set_tls(client, tls) -> None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            _check_readable(getattr(tls, key), f"mqtt.tls.{key}")
+        key_password = None
+        if tls.key_password_file is not None:
+            key_password = read_secret(tls.key_password_file, "mqtt.tls.key_password_file")
+        try:
+            client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file,
+                           cert_reqs=ssl.CERT_REQUIRED, keyfile_password=key_password)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            key = "mqtt.tls.cert_file" if tls.cert_file else "mqtt.tls.ca_file"
+            raise ConfigError(key, f"cannot set up TLS: {exc}") from None
+        if tls.insecure:
+            client.tls_insecure_set(True)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        c = self.cfg
+        if self.v5:
+            self.client.connect_async(c.host, c.port, c.keepalive_s, clean_start=False,
+                                      properties=self._connect_props)
+        else:
+            self.client.connect_async(c.host, c.port, c.keepalive_s)
+        self.client.loop_start()
+
+    def wait_subscribed(self, timeout: Optional[float] = None) -> bool:
+        return self._subscribed.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self.client.is_connected()
+
+    def close_intake(self) -> None:
+        """Deliver no more messages; those arriving now stay unacknowledged (redelivered later)."""
+        self._intake = False
+
+    @property
+    def intake_open(self) -> bool:
+        return self._intake
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish ``offline``, disconnect cleanly (the session stays), stop the network thread."""
+        self._intake = False
+        self._stopping = True
+        if self.client.is_connected():
+            try:
+                info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
+                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish offline status: %s", exc)
+        try:
+            self.client.disconnect()
+        except Exception as exc:  # noqa: BLE001 - shutting down regardless
+            log.debug("disconnect: %s", exc)
+        self.client.loop_stop()
+        self._set_connected(False)
+
+    # --- subscriptions --------------------------------------------------------------------
+
+    def set_subscriptions(self, filters: Iterable[str]) -> None:
+        """Change the subscribed filters (SIGHUP): unsubscribe the old, subscribe the new."""
+        new = tuple(dict.fromkeys(filters))
+        with self._lock:
+            old = self._filters
+            self._filters = new
+        removed = [f for f in old if f not in new]
+        added = [f for f in new if f not in old]
+        if not self.client.is_connected():
+            return  # on_connect subscribes to self._filters; removed ones may linger in the session
+        if removed:
+            rc, _ = self.client.unsubscribe(removed)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                log.warning("unsubscribe %s failed: %s", removed, paho.error_string(rc))
+        if added:
+            self._subscribe(added)
+
+    def _subscribe(self, filters) -> None:
+        qos = self.cfg.qos
+        topics = [(f, SubscribeOptions(qos=qos)) if self.v5 else (f, qos) for f in filters]
+        rc, mid = self.client.subscribe(topics)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.warning("subscribe %s failed: %s", list(filters), paho.error_string(rc))
+            return
+        with self._lock:
+            self._pending_subs[mid] = list(filters)
+
+    # --- ack / publish --------------------------------------------------------------------
+
+    def ack(self, token: Optional[AckToken]) -> bool:
+        """Acknowledge a processed message. False when its connection is gone (it comes again)."""
+        if token is None:
+            return True
+        generation, mid, qos = token
+        # Under the lock that on_disconnect/on_connect take to bump the generation: an ack either
+        # goes out on its own connection (or is discarded with it) or is not sent at all.
+        with self._lock:
+            if generation != self._generation:
+                return False
+            rc = self.client.ack(mid, qos)
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def publish(self, topic: str, payload, qos: int = 0, retain: bool = False,
+                expiry_s: Optional[int] = None) -> bool:
+        """Publish; False (and a counted failure) when paho refuses or would drop it.
+
+        While disconnected paho keeps QoS >= 1 messages (up to MAX_OUT_QUEUE) and sends them after
+        the reconnect; QoS 0 messages are lost then.
+        """
+        props = None
+        if expiry_s and self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = int(expiry_s)
+        try:
+            info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except (ValueError, TypeError) as exc:
+            self._publish_failed(f"publish to {topic!r} refused: {exc}")
+            return False
+        rc = info.rc
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
+            return True
+        self._publish_failed(f"publish to {topic!r} failed: {paho.error_string(rc)}")
+        return False
+
+    def _publish_failed(self, message: str) -> None:
+        self.publish_failures += 1
+        if self.metrics is not None:
+            self.metrics.publish_failures.inc()
+        self._rlog.log("publish", logging.WARNING, "%s", message)
+
+    # --- paho callbacks (network thread) --------------------------------------------------
+
+    def _callback_error(self, where: str) -> None:
+        self.callback_errors += 1
+        exc = sys.exc_info()[1]
+        self._rlog.log(("callback", where), logging.ERROR, "error in MQTT %s callback (%d so far): %s: %s",
+                       where, self.callback_errors, type(exc).__name__, exc)
+        log.debug("MQTT %s callback error", where, exc_info=True)
+
+    def _set_connected(self, up: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.mqtt_connected.set(1 if up else 0)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        try:
+            if reason_code.is_failure:
+                self._rlog.log("connect", logging.ERROR, "MQTT broker %s:%d refused the connection: %s",
+                               self.cfg.host, self.cfg.port, reason_code)
+                return
+            with self._lock:
+                self._generation += 1
+                filters = self._filters
+                self._pending_subs.clear()
+            if self._ever_connected and self.metrics is not None:
+                self.metrics.mqtt_reconnects.inc()
+            log.info("connected to MQTT broker %s:%d (MQTT %s, session %s)", self.cfg.host, self.cfg.port,
+                     self.cfg.protocol, "resumed" if flags.session_present else "new")
+            self._ever_connected = True
+            self._set_connected(True)
+            if filters:
+                self._subscribe(filters)
+            else:
+                self._subscribed.set()
+            self.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        except Exception:  # noqa: BLE001
+            self._callback_error("connect")
+
+    def _on_connect_fail(self, client, userdata):
+        try:
+            self._rlog.log("connect", logging.WARNING, "cannot connect to MQTT broker %s:%d; retrying",
+                           self.cfg.host, self.cfg.port)
+        except Exception:  # noqa: BLE001
+            self._callback_error("connect_fail")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        try:
+            with self._lock:
+                self._generation += 1  # tokens of this connection are void from here on
+            self._set_connected(False)
+            if not self._stopping:
+                self._rlog.log("disconnect", logging.WARNING, "disconnected from MQTT broker: %s; reconnecting",
+                               reason_code)
+        except Exception:  # noqa: BLE001
+            self._callback_error("disconnect")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        try:
+            with self._lock:
+                filters = self._pending_subs.pop(mid, None)
+            if filters is None:
+                return
+            failed = [(f, str(rc)) for f, rc in zip(filters, reason_codes) if rc.is_failure]
+            if failed:
+                log.error("broker refused subscriptions: %s", failed)
+            granted = [f for f, rc in zip(filters, reason_codes) if not rc.is_failure]
+            if granted:
+                log.info("subscribed to %s (QoS %d)", ", ".join(granted), self.cfg.qos)
+                self._subscribed.set()
+        except Exception:  # noqa: BLE001
+            self._callback_error("subscribe")
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties):
+        pass
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        try:
+            if reason_code.is_failure:  # MQTT 5 PUBACK with an error (e.g. not authorized)
+                self._publish_failed(f"broker refused a publish: {reason_code}")
+        except Exception:  # noqa: BLE001
+            self._callback_error("publish")
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            if not self._intake:
+                return  # not acked: the broker delivers it again to the next session
+            qos = msg.qos
+            token = AckToken((self._generation, msg.mid, qos)) if qos > 0 else None
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:
+                topic = None  # the daemon counts it as unknown_topic (and acks it)
+            self._on_message_cb(topic, msg.payload, token)
+        except Exception:  # noqa: BLE001
+            self._callback_error("message")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll `predicate` until true or `timeout` seconds pass (small helper for start-up)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+    return True
