@@ -20,6 +20,7 @@ from .scores import HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, Stuck
 from .settings import DetectorSettings
 
 OK = ""
+PROTECT_SCORE = 0.5  # score of tail probability 1e-5
 
 
 @dataclasses.dataclass
@@ -180,7 +181,9 @@ class GroupDetector:
         is_anomaly, opened, closed = self.incidents.step(slots, score, ts, armed)
         alert = self._alert(slots, score)
 
-        suspicious = is_anomaly | (score >= self.threshold)
+        # Learning protection keys on the evidence (p < 1e-5), not on the alert threshold:
+        # a high threshold for rare incidents must not let the model learn anomalies.
+        suspicious = is_anomaly | (score >= min(self.threshold, PROTECT_SCORE))
         if s.learning_protection == "skip":
             weight = np.where(suspicious, 0.0, 1.0)
         elif s.learning_protection == "damp":
