@@ -111,27 +111,80 @@ class CpuBackend(_HostBackend):
         return status
 
 
-def cuda_available() -> bool:
+def cuda_available(allow_simulator: bool = True) -> bool:
     try:
-        from numba import cuda
+        from numba import config, cuda
 
+        if config.ENABLE_CUDASIM and not allow_simulator:
+            return False
         return bool(cuda.is_available())
     except Exception:  # a broken driver or toolkit is "no CUDA", not a crash
         return False
 
 
-def make_backend(kind: str = "auto", parallel_min_batch: int = 64, cuda_min_batch: int = 4096, expected_batch: int = 0):
-    """Build the backend named by config `backend.kind`.
+class AutoBackend:
+    """CPU kernels until a step's batch reaches `cuda_min_batch` on a machine with a GPU;
+    then the bank moves to the device for good (one transfer) and stays there.
 
-    `auto` takes CUDA only where a device exists and the expected batch (the group's
-    sensor count) reaches `cuda_min_batch`; below that launch and transfer overheads make
-    the CPU faster. Asking for `cuda` without a device fails here, at start.
+    Below the crossover, launch and transfer overheads make the CPU faster; the simulator
+    never counts as a device here (it would be slower than the numpy reference).
+    """
+
+    def __init__(self, cpu: CpuBackend, cuda_min_batch: int, has_cuda):
+        self.active = cpu
+        self.cuda_min_batch = cuda_min_batch
+        self._has_cuda = has_cuda
+        self._checked = False
+
+    @property
+    def name(self):
+        return self.active.name
+
+    def _maybe_move(self, bank, batch: int):
+        if self.active.name == "cuda" or batch < self.cuda_min_batch:
+            return
+        if not self._checked:
+            self._checked = True
+            self._device = self._has_cuda()
+        if self._device:
+            from .kernels_cuda import CudaBackend
+
+            self.active.sync(bank)
+            self.active = CudaBackend()
+            self.active.attach(bank)
+
+    def attach(self, bank):
+        self.active.attach(bank)
+
+    def sync(self, bank):
+        self.active.sync(bank)
+
+    def sync_pred(self, bank):
+        self.active.sync_pred(bank)
+
+    def reset_slot(self, bank, slot):
+        self.active.reset_slot(bank, slot)
+
+    def train(self, bank, slots, x, scale):
+        self._maybe_move(bank, len(slots))
+        return self.active.train(bank, slots, x, scale)
+
+    def forward(self, bank, slots, x):
+        self._maybe_move(bank, len(slots))
+        return self.active.forward(bank, slots, x)
+
+
+def make_backend(kind: str = "auto", parallel_min_batch: int = 64, cuda_min_batch: int = 4096):
+    """Build the backend named by config `backend.kind` (one per model group).
+
+    `auto`: CPU, moving to CUDA once a step's batch reaches `cuda_min_batch` on a machine
+    with a GPU. Asking for `cuda` without a device fails here, at start.
     """
     if kind not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {kind!r}")
     if kind == "numpy":
         return NumpyBackend()
-    if kind == "cuda" or (kind == "auto" and expected_batch >= cuda_min_batch and cuda_available()):
+    if kind == "cuda":
         if not cuda_available():
             raise BackendUnavailable(
                 "backend.kind is 'cuda' but no CUDA device is usable (install the 'cuda' extra and a driver, "
@@ -140,4 +193,7 @@ def make_backend(kind: str = "auto", parallel_min_batch: int = 64, cuda_min_batc
         from .kernels_cuda import CudaBackend
 
         return CudaBackend()
-    return CpuBackend(parallel_min_batch=parallel_min_batch)
+    cpu = CpuBackend(parallel_min_batch=parallel_min_batch)
+    if kind == "cpu":
+        return cpu
+    return AutoBackend(cpu, cuda_min_batch, lambda: cuda_available(allow_simulator=False))

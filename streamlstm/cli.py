@@ -60,6 +60,9 @@ def _load(path):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return _demo(argv[1:])  # every demo option (--help included) belongs to the demo
     args = _parser().parse_args(argv)
     cmd = args.command
     try:
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
         if cmd == "evaluate":
             return _evaluate(args)
         if cmd == "demo":
-            return _demo(args)
+            return _demo(args.args)
     except ConfigError as exc:
         return _config_error(getattr(args, "config", None) or "(defaults)", exc)
     except KeyboardInterrupt:
@@ -190,13 +193,13 @@ def _evaluate(args) -> int:
     return EXIT_OK
 
 
-def _demo(args) -> int:
+def _demo(argv) -> int:
     try:
         from . import demo
     except ImportError as exc:
         print(f"streamlstm demo is not available: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    return demo.main(args.args)
+    return demo.main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,6 +63,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 DRAIN_TIMEOUT_S = 60.0        # SIGTERM: longest drain before the final checkpoint (TimeoutStopSec=120)
 IDLE_WAKE_S = 0.5             # worker wakes at least this often (watchdog, checkpoints, reloads)
 STATE_MIN_INTERVAL_S = 1.0    # per-sensor state topic: at most one message per second unless the flag flips
+STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
+RELOAD_TIMEOUT_S = 120.0
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
@@ -310,15 +312,20 @@ def checkpoint_meta(config, detector_meta: dict) -> dict:
             "config_shape": model_shapes(config), "detector": detector_meta}
 
 
+RESTORED, FRESH, MOVED_ASIDE = "restored", "fresh", "moved aside"
+
+
 def restore_detector(config, store: CheckpointStore, build):
-    """(detector, loaded?) from the store; an unusable checkpoint is moved aside -> cold start.
+    """(detector, outcome) from the store: RESTORED, FRESH (no checkpoint) or MOVED_ASIDE (an
+    unusable checkpoint was quarantined -> cold start).
 
     CheckpointError other than corrupt/incompatible (e.g. permission denied) propagates.
     """
     detector = build(config)
-    loaded = store.load()
+    existed = store.path.exists()
+    loaded = store.load()  # moves a corrupt or incompatible file aside itself
     if loaded is None:
-        return detector, False
+        return detector, MOVED_ASIDE if existed else FRESH
     arrays, meta = loaded
     problem = None
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
@@ -327,16 +334,16 @@ def restore_detector(config, store: CheckpointStore, build):
     else:
         try:
             detector.load_state_dict(arrays, meta["detector"])
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            problem = f"does not fit the configured models: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any unusable content: keep it aside, start fresh
+            problem = f"does not fit the configured models: {type(exc).__name__}: {exc}"
     if problem is None:
-        return detector, True
+        return detector, RESTORED
     try:
         moved = quarantine(store.path)
         log.error("checkpoint %s %s; moved to %s, cold start", store.path, problem, moved)
     except CheckpointError as exc:
         log.error("checkpoint %s %s; cold start (and: %s)", store.path, problem, exc)
-    return build(config), False
+    return build(config), MOVED_ASIDE
 
 
 # ---------------------------------------------------------------------------------------- warm-up
@@ -358,7 +365,6 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
     from .detector.detector import Detector, _Reading
 
     b = config.backend
-    expected = min(config.pipeline.max_sensors, config.pipeline.max_batch)
     widths = sorted({len(i.value_fields) for i in config.inputs} | {1})
     timings = {}
     for group in _glob_free(config):
@@ -374,7 +380,7 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
                 pmb = 2 if driver == "parallel" else 1 << 30
 
                 def backend(name, pmb=pmb):
-                    return make_backend(b.kind, pmb, b.cuda_min_batch, expected_batch=expected)
+                    return make_backend(b.kind, pmb, b.cuda_min_batch)
 
                 det = Detector([group], backend, max_sensors=sensors)
                 t = np.arange(rounds, dtype=np.float64)
@@ -467,8 +473,9 @@ class Daemon:
         self._last_ckpt_unix: Optional[float] = None
         self._state_sent: dict = {}  # sensor -> (monotonic time, anomaly flag) of the last state message
         self._announced: set = set()  # sensors with a Home Assistant discovery message
-        self._kernel_seconds: dict = {}
         self._worker: Optional[threading.Thread] = None
+        self._counts = (0, 0)  # (sensors, active groups), written by the worker for status lines
+        self._backend_name = "unknown"
         self.processed = 0
 
     # --- signals (main thread) -------------------------------------------------------------
@@ -491,8 +498,7 @@ class Daemon:
 
         cfg = self.config
         b = cfg.backend
-        backend_name = make_backend(b.kind, b.parallel_min_batch, b.cuda_min_batch,
-                                    expected_batch=min(cfg.pipeline.max_sensors, cfg.pipeline.max_batch)).name
+        backend_name = make_backend(b.kind, b.parallel_min_batch, b.cuda_min_batch).name
         m = cfg.metrics
         self.metrics = Metrics(self.registry, version=package_version(), backend=backend_name,
                                per_sensor=m.per_sensor, per_sensor_cap=m.per_sensor_cap,
@@ -504,23 +510,25 @@ class Daemon:
         self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self.parser.subscriptions, self._on_message,
                            metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
                            log_interval_s=cfg.logging.rejected_log_interval_s)
+        if cfg.output.homeassistant.enabled and cfg.output.state_topic is None:
+            log.warning("output.homeassistant.enabled needs output.state_topic (the binary_sensor's state): "
+                        "no discovery messages will be published")
         if m.enabled:
             self.metrics_server = serve(m, self.registry)
             log.info("metrics on %s", self.metrics_server.url)
 
         self.notifier.status("loading models")
-        self.detector, loaded = restore_detector(cfg, self.store, build_detector)
-        if loaded:
+        self.detector, outcome = restore_detector(cfg, self.store, build_detector)
+        if outcome == MOVED_ASIDE:
+            self.metrics.checkpoint_errors.inc()
+        if outcome == RESTORED:
             age = self.store.age_seconds()
             self._last_ckpt_unix = None if age is None else time.time() - age
             log.info("checkpoint %s loaded: %d sensors", self.store.path, self.detector.sensor_count())
         else:
             log.info("no usable checkpoint in %s: starting with fresh models", self.store.directory)
         self._sync_sensor_gauges()
-        self.notifier.status("loading kernels")
-        t0 = time.perf_counter()
-        warm_kernels(cfg)
-        log.info("kernels ready in %.1f s (backend %s)", time.perf_counter() - t0, backend_name)
+        self._backend_name = backend_name
 
     def _checkpoint_age(self) -> Optional[float]:
         last = self._last_ckpt_unix
@@ -533,9 +541,15 @@ class Daemon:
         except CheckpointError as exc:
             log.error("cannot read the checkpoint: %s", exc)
             return EXIT_FAILURE
+        # Connect while the kernels load: early messages wait in the bounded queue (backpressure)
+        # until the worker starts; READY needs both.
+        self.mqtt.start()
+        self.notifier.status("loading kernels")
+        t0 = time.perf_counter()
+        warm_kernels(self.config)
+        log.info("kernels ready in %.1f s (backend %s)", time.perf_counter() - t0, self._backend_name)
         self._worker = threading.Thread(target=self._worker_main, name="worker", daemon=True)
         self._worker.start()
-        self.mqtt.start()
         self.notifier.status(f"connecting to MQTT broker {self.config.mqtt.host}:{self.config.mqtt.port}")
         t0 = time.monotonic()
         while not self._stop.is_set() and not self.mqtt.wait_subscribed(0.2):
@@ -556,7 +570,8 @@ class Daemon:
         return self._shutdown()
 
     def _status_text(self) -> str:
-        return f"running: {self.detector.sensor_count()} sensors, {len(self.detector.active)} active groups"
+        sensors, groups = self._counts
+        return f"running: {sensors} sensors in {groups} groups, {self.processed} readings processed"
 
     # --- network thread ---------------------------------------------------------------------
 
@@ -597,11 +612,13 @@ class Daemon:
         idle = min(IDLE_WAKE_S, ping_every) if ping_every else IDLE_WAKE_S
         last_ping = -math.inf
         next_ckpt = time.monotonic() + self.config.checkpoint.interval_s
+        next_status = time.monotonic() + STATUS_EVERY_S
         drain_deadline = None
         while True:
-            if self._reload is not None:
-                self._apply_reload(self._reload)
+            req = self._reload
+            if req is not None:
                 self._reload = None
+                self._apply_reload(req)
             p = self.config.pipeline
             entries = self.queue.get_batch(p.max_batch, p.max_delay_ms / 1000.0, idle)
             if entries:
@@ -615,6 +632,9 @@ class Daemon:
             if now >= next_ckpt:
                 self._checkpoint_async()
                 next_ckpt = now + self.config.checkpoint.interval_s
+            if now >= next_status and not self.queue.closed:
+                self.notifier.status(f"{self._status_text()}, queue {len(self.queue)}/{self.queue.capacity}")
+                next_status = now + STATUS_EVERY_S
             if self.queue.closed:
                 if drain_deadline is None:
                     drain_deadline = now + DRAIN_TIMEOUT_S
@@ -659,7 +679,9 @@ class Daemon:
             self._publish_states(batch)
 
     def _sync_sensor_gauges(self) -> None:
-        self.metrics.set_sensor_counts({name: len(g.names) for name, g in self.detector.active.items()})
+        counts = {name: len(g.names) for name, g in self.detector.active.items()}
+        self.metrics.set_sensor_counts(counts)
+        self._counts = (sum(counts.values()), len(counts))
 
     def _log_rejections(self, batch) -> None:
         cap = self.config.pipeline.max_sensors
@@ -760,10 +782,13 @@ class Daemon:
             return
         req = _Reload(new)
         self._reload = req
-        if not req.done.wait(120.0) or self._fatal:
-            log.error("reload: the worker did not apply it in time")
-            self.notifier.ready(self._status_text())
-            return
+        deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        while not req.done.wait(0.5):
+            if self._fatal or not self._worker.is_alive() or time.monotonic() > deadline:
+                self._reload = None
+                log.error("reload: the worker did not apply it; keeping the running configuration")
+                self.notifier.ready(self._status_text())
+                return
         if req.error is not None:
             log.error("reload refused: %s; keeping the running configuration", req.error)
             self.notifier.ready(self._status_text())

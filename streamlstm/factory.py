@@ -26,8 +26,6 @@ def build_detector(config, backend_kind: str | None = None) -> Detector:
     cap = config.pipeline.max_sensors
 
     def backend_for(group_name: str):
-        # A group's expected batch is bounded by the sensor cap and the micro-batch size.
-        return make_backend(kind, b.parallel_min_batch, b.cuda_min_batch,
-                            expected_batch=min(cap, config.pipeline.max_batch))
+        return make_backend(kind, b.parallel_min_batch, b.cuda_min_batch)
 
     return Detector(group_configs(config), backend_for, max_sensors=cap)

@@ -27,7 +27,6 @@ import os
 import ssl
 import sys
 import threading
-import time
 from typing import Callable, Iterable, Optional
 
 import paho.mqtt.client as paho
@@ -151,8 +150,13 @@ class MqttIO:
             client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file,
                            cert_reqs=ssl.CERT_REQUIRED, keyfile_password=key_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            key = "mqtt.tls.cert_file" if tls.cert_file else "mqtt.tls.ca_file"
-            raise ConfigError(key, f"cannot set up TLS: {exc}") from None
+            if tls.key_file and tls.key_password_file and "PEM" in str(exc):
+                key, why = "mqtt.tls.key_password_file", "cannot decrypt mqtt.tls.key_file with this password"
+            elif tls.key_file and "PEM" in str(exc):
+                key, why = "mqtt.tls.key_file", "cannot load the client key (encrypted without key_password_file, or not a key)"
+            else:
+                key, why = ("mqtt.tls.cert_file" if tls.cert_file else "mqtt.tls.ca_file"), "cannot set up TLS"
+            raise ConfigError(key, f"{why}: {exc}") from None
         if tls.insecure:
             client.tls_insecure_set(True)
 
@@ -304,7 +308,9 @@ class MqttIO:
             self._set_connected(True)
             if filters:
                 self._subscribe(filters)
-            else:
+            if flags.session_present or not filters:
+                # A resumed session keeps our subscriptions: the broker may deliver the backlog
+                # before the SUBACK, so do not hold READY behind it (we still resubscribe).
                 self._subscribed.set()
             self.publish(self.status_topic, ONLINE, qos=1, retain=True)
         except Exception:  # noqa: BLE001
@@ -368,12 +374,3 @@ class MqttIO:
         except Exception:  # noqa: BLE001
             self._callback_error("message")
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    """Poll `predicate` until true or `timeout` seconds pass (small helper for start-up)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
-    return True

@@ -20,12 +20,14 @@ Run alone against any broker: ``python -m streamlstm.simulate --port 1883 --dura
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
 import sys
 import threading
 import time
+from types import MappingProxyType
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -43,11 +45,11 @@ QUANTITIES = ("temp", "pressure", "flow")
 
 # Per quantity: offset range, daily amplitude range (the pattern stays inside the brief's
 # ranges: temp 20-80, pressure 1-10, flow 100-1000), noise as a fraction of the amplitude.
-RANGES = {
-    "temp": dict(offset=(35.0, 60.0), amplitude=(4.0, 15.0)),
-    "pressure": dict(offset=(3.0, 7.0), amplitude=(0.4, 1.8)),
-    "flow": dict(offset=(350.0, 700.0), amplitude=(50.0, 230.0)),
-}
+RANGES = MappingProxyType({
+    "temp": MappingProxyType(dict(offset=(35.0, 60.0), amplitude=(4.0, 15.0))),
+    "pressure": MappingProxyType(dict(offset=(3.0, 7.0), amplitude=(0.4, 1.8))),
+    "flow": MappingProxyType(dict(offset=(350.0, 700.0), amplitude=(50.0, 230.0))),
+})
 NOISE_FRACTION = (0.02, 0.05)
 
 
@@ -158,9 +160,10 @@ class AnomalyInjector:
 
     # Duration range (seconds) and magnitude range (in units of the sensor's daily amplitude,
     # or noise factor) per kind.
-    DURATION = {"spike": (0.5, 1.5), "level_shift": (12.0, 25.0), "stuck": (12.0, 25.0),
-                "drift": (20.0, 35.0), "noise_burst": (8.0, 15.0)}
-    MAGNITUDE = {"spike": (0.7, 1.2), "level_shift": (0.5, 0.9), "drift": (0.8, 1.3), "noise_burst": (6.0, 10.0)}
+    DURATION = MappingProxyType({"spike": (0.5, 1.5), "level_shift": (12.0, 25.0), "stuck": (12.0, 25.0),
+                                 "drift": (20.0, 35.0), "noise_burst": (8.0, 15.0)})
+    MAGNITUDE = MappingProxyType({"spike": (0.7, 1.2), "level_shift": (0.5, 0.9), "drift": (0.8, 1.3),
+                                  "noise_burst": (6.0, 10.0)})
 
     def __init__(self, sensors: Sequence[SensorSpec], *, seed: int = 0, warmup_s: float = 30.0,
                  mean_interval_s: float = 6.0, min_gap_s: float = 20.0, rate: float = 5.0,
@@ -303,16 +306,18 @@ class Simulator:
         rate = self.plant.rate
         start_mono = time.monotonic()
         self.t0 = time.time()
-        pending = list(self.anomalies)   # sorted by start; pruned as they end
+        upcoming = collections.deque(self.anomalies)  # sorted by start
+        running: list[Anomaly] = []
         while not self._stop.is_set():
             due = start_mono + self.tick / rate
             delay = due - time.monotonic()
             if delay > 0 and self._stop.wait(delay):
                 break
             t = self.plant.time_of(self.tick)
-            while pending and pending[0].end <= t and pending[0].start <= t:
-                pending.pop(0)
-            active = active_anomalies((a for a in pending if a.start <= t), t)
+            while upcoming and upcoming[0].start <= t:
+                running.append(upcoming.popleft())
+            running = [a for a in running if a.end > t]
+            active = active_anomalies(running, t)
             ts = self.t0 + t
             for sensor, value in self.plant.readings(self.tick, active):
                 self._client.publish(self.topic.replace("{sensor}", sensor), payload(value, ts), qos=self.qos)

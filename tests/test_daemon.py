@@ -199,7 +199,7 @@ def daemons():
 
 
 class Subscriber:
-    """A paho client collecting (topic, payload, retain) of everything under `topics`."""
+    """A paho client collecting (topic, payload, retain, properties) of everything under `topics`."""
 
     def __init__(self, broker, *topics):
         self.messages: queue.Queue = queue.Queue()
@@ -208,7 +208,7 @@ class Subscriber:
         c = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv5)
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe([(t, 1) for t in topics])
         c.on_subscribe = lambda *a: subscribed.set()
-        c.on_message = lambda cl, u, m: self.messages.put((m.topic, m.payload, m.retain))
+        c.on_message = lambda cl, u, m: self.messages.put((m.topic, m.payload, m.retain, m.properties))
         c.connect(broker.host, broker.port)
         c.loop_start()
         assert subscribed.wait(10)
@@ -235,10 +235,12 @@ class Subscriber:
         self.client.loop_stop()
 
 
-def publish_all(broker, items, qos=1):
+def publish_all(broker, items, qos=1, auth=None):
     """Publish (topic, payload) pairs with QoS 1 and wait until the broker has every one."""
     c = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv5)
     c.max_inflight_messages_set(100)
+    if auth:
+        c.username_pw_set(*auth)
     c.connect(broker.host, broker.port)
     c.loop_start()
     try:
@@ -259,13 +261,15 @@ def reading_payload(value, i):
 def test_spike_gives_one_anomaly_event_metrics_and_rejections(mosquitto, tmp_path, daemons):
     promtool = shutil.which("promtool")
     # A small queue and batch: messages of 50 readings exceed the queue, so backpressure and
-    # split messages are exercised; nothing may be lost.
-    cfg = small_config(mosquitto, tmp_path, pipeline={"queue_size": 16, "max_batch": 8, "max_delay_ms": 5},
-                       metrics={"per_sensor": True})
+    # split messages are exercised; nothing may be lost. One sensor allowed: a second one is
+    # refused (sensor_cap).
+    cfg = small_config(mosquitto, tmp_path, pipeline={"queue_size": 16, "max_batch": 8, "max_delay_ms": 5,
+                                                      "max_sensors": 1},
+                       metrics={"per_sensor": True}, output={"homeassistant": {"enabled": True}})
     d = daemons(tmp_path, cfg).start()
     d.wait_ready()
     d.notify.wait("WATCHDOG", timeout=10)
-    sub = Subscriber(mosquitto, "streamlstm/events/#", "streamlstm/status")
+    sub = Subscriber(mosquitto, "streamlstm/events/#", "streamlstm/status", "homeassistant/#")
     try:
         sub.wait(lambda m: m[0] == "streamlstm/status" and m[1] == b"online", what="online status")
         values = series(N_SPIKE, seed=0, spike_at=SPIKE_AT)
@@ -274,15 +278,16 @@ def test_spike_gives_one_anomaly_event_metrics_and_rejections(mosquitto, tmp_pat
             batch = [{"value": values[i], "ts": T0 + i} for i in range(start, start + 50)]
             items.append(("sensors/pump1", json.dumps(batch)))
         bad = {
-            "not_a_number": b"abc",
-            "bad_json": b"{not json",
-            "missing_field": b'{"temperature": 1}',
-            "non_finite": b"nan",
-            "bad_timestamp": b'{"value": 1, "ts": "yesterday"}',
-            "duplicate_timestamp": reading_payload(1.0, N_SPIKE - 1).encode(),
-            "out_of_order": reading_payload(1.0, 3).encode(),
+            "not_a_number": ("sensors/pump1", b"abc"),
+            "bad_json": ("sensors/pump1", b"{not json"),
+            "missing_field": ("sensors/pump1", b'{"temperature": 1}'),
+            "non_finite": ("sensors/pump1", b"nan"),
+            "bad_timestamp": ("sensors/pump1", b'{"value": 1, "ts": "yesterday"}'),
+            "duplicate_timestamp": ("sensors/pump1", reading_payload(1.0, N_SPIKE - 1)),
+            "out_of_order": ("sensors/pump1", reading_payload(1.0, 3)),
+            "sensor_cap": ("sensors/pump2", reading_payload(1.0, 0)),
         }
-        items += [("sensors/pump1", payload) for payload in bad.values()]
+        items += list(bad.values())
         publish_all(mosquitto, items)
 
         d.wait_processed(N_SPIKE)
@@ -291,10 +296,10 @@ def test_spike_gives_one_anomaly_event_metrics_and_rejections(mosquitto, tmp_pat
                      what=f"rejection {reason} counted")
         assert d.proc.poll() is None, "bad payloads must not stop the daemon"
 
-        events = [json.loads(p) for t, p, _ in sub.wait(lambda m: m[0] == "streamlstm/events/pump1",
-                                                         what="an event")]
+        sub.wait(lambda m: m[0] == "streamlstm/events/pump1", what="an event")
         sub.collect(0.5)
-        events = [json.loads(p) for t, p, _ in sub.seen if t == "streamlstm/events/pump1"]
+        event_msgs = [m for m in sub.seen if m[0] == "streamlstm/events/pump1"]
+        events = [json.loads(m[1]) for m in event_msgs]
         anomalies = [e for e in events if e["event"] == "anomaly"]
         assert len(anomalies) == 1, events
         a = anomalies[0]
@@ -305,6 +310,14 @@ def test_spike_gives_one_anomaly_event_metrics_and_rejections(mosquitto, tmp_pat
         assert a["score"] >= a["threshold"] == 0.5 and a["peak_score"] == a["score"]
         resolved = [e for e in events if e["event"] == "resolved"]
         assert all(e["start"] == a["start"] and e["end"] > e["start"] for e in resolved)
+        assert all(0 < m[3].MessageExpiryInterval <= 3600 for m in event_msgs)  # MQTT 5 expiry
+
+        discovery = [m for m in sub.seen if m[0].startswith("homeassistant/binary_sensor/")]
+        assert len(discovery) == 1 and discovery[0][0].endswith("/config")
+        announced = json.loads(discovery[0][1])
+        assert announced["device_class"] == "problem"
+        assert announced["state_topic"] == "streamlstm/state/pump1"
+        assert announced["availability_topic"] == "streamlstm/status"
 
         text = d.exposition()
         assert d.sample("streamlstm_anomalies_total", group="default") == 1
@@ -324,14 +337,15 @@ def test_spike_gives_one_anomaly_event_metrics_and_rejections(mosquitto, tmp_pat
         sub.wait(lambda m: m[0] == "streamlstm/status" and m[1] == b"offline", what="offline status")
         log = d.log_text()
         assert "Traceback" not in log
-        assert "rejected (not_a_number)" in log
+        assert "rejected (not_a_number)" in log and "rejected (sensor_cap)" in log
         assert (tmp_path / "state" / "streamlstm.ckpt").exists()
     finally:
         sub.close()
 
 
-def test_restart_resumes_from_checkpoint_and_gets_readings_sent_while_down(mosquitto, tmp_path, daemons):
-    cfg = small_config(mosquitto, tmp_path)
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_restart_resumes_from_checkpoint_and_gets_readings_sent_while_down(mosquitto, tmp_path, daemons, protocol):
+    cfg = small_config(mosquitto, tmp_path, mqtt={"protocol": protocol})
     values = series(250, seed=3)
     first = daemons(tmp_path, cfg, name="first").start()
     first.wait_ready()
@@ -363,7 +377,7 @@ def test_restart_resumes_from_checkpoint_and_gets_readings_sent_while_down(mosqu
         sub.close()
     assert "checkpoint" in second.log_text() and "loaded: 1 sensors" in second.log_text()
 
-    for _, payload, _ in states:
+    for _, payload, *_ in states:
         state = json.loads(payload)
         i = int(round(state["timestamp"] - T0)) - 150
         assert state["prediction"] == batch.prediction[i, 0]  # bit-identical: same model state
@@ -380,7 +394,7 @@ def test_sighup_reloads_threshold_and_refuses_a_shape_change(mosquitto, tmp_path
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     (state_dir / "streamlstm.ckpt").write_bytes(b"SLSTMCKP" + b"\x00" * 100)  # corrupt: moved aside
-    cfg = small_config(mosquitto, tmp_path)
+    cfg = small_config(mosquitto, tmp_path, checkpoint={"interval_s": 0.5})
     d = daemons(tmp_path, cfg).start()
     ready = d.wait_ready()
     assert list(state_dir.glob("streamlstm.ckpt.corrupt-*")), "corrupt checkpoint not moved aside"
@@ -424,11 +438,82 @@ def test_sighup_reloads_threshold_and_refuses_a_shape_change(mosquitto, tmp_path
         wait_for(lambda: d.sample("streamlstm_readings_total", group="default") == sent[0], 30,
                  what="readings after the refused reload")
         sub.collect(1.5)
-        assert all(json.loads(p)["threshold"] == 0.7 for _, p, _ in sub.seen[n:])
+        assert all(json.loads(p)["threshold"] == 0.7 for _, p, *_ in sub.seen[n:])
         assert d.proc.poll() is None
+
+        # Checkpoints that cannot be written are logged and counted; the daemon carries on.
+        wait_for(lambda: (state_dir / "streamlstm.ckpt").exists(), 30, what="a periodic checkpoint")
+        shutil.rmtree(state_dir)
+        state_dir.write_text("a file where the checkpoint directory was")
+        wait_for(lambda: (d.sample("streamlstm_checkpoint_errors_total") or 0) >= 1, 30,
+                 what="a failed checkpoint counted")
+        feed(5)
+        wait_for(lambda: d.sample("streamlstm_readings_total", group="default") == sent[0], 30,
+                 what="readings after failed checkpoints")
         assert d.stop() == 0, d.log_text()
+        assert "checkpoint failed (the daemon keeps running)" in d.log_text()
     finally:
         sub.close()
+
+
+def test_broker_restart_reconnects_and_resubscribes_and_a_crash_leaves_the_will(mosquitto, tmp_path, daemons):
+    d = daemons(tmp_path, small_config(mosquitto, tmp_path)).start()
+    d.wait_ready()
+    publish_all(mosquitto, [("sensors/s1", reading_payload(1.0, 0))])
+    d.wait_processed(1)
+    mosquitto.restart()  # no persistence: the session and its subscription are gone
+    wait_for(lambda: d.sample("streamlstm_mqtt_reconnects_total") == 1 and d.sample("streamlstm_mqtt_connected") == 1,
+             30, what="reconnected")
+    # Only a new subscription (made in on_connect) can bring these in.
+    wait_for(lambda: publish_all(mosquitto, [("sensors/s1", reading_payload(2.0, 1))]) or
+             d.sample("streamlstm_readings_total", group="default") >= 2, 30, step=0.5, what="resubscribed")
+    sub = Subscriber(mosquitto, "streamlstm/status")
+    try:
+        sub.wait(lambda m: m[1] == b"online" and m[2], what="retained online")
+        d.proc.kill()  # no clean disconnect: the broker publishes the will
+        sub.wait(lambda m: m[1] == b"offline", what="last will")
+    finally:
+        sub.close()
+
+
+def _tls_files(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60, cwd=tmp_path)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "1", "-extfile", "san.ext", "-out", "server.pem")
+    return tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
+
+
+def test_tls_and_password_from_the_credentials_directory(mosquitto_factory, tmp_path, daemons):
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd not installed")
+    ca, cert, key = _tls_files(tmp_path)
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "streamlstm", "s3cret"], check=True,
+                   capture_output=True, timeout=30)
+    broker = mosquitto_factory(extra_config=["allow_anonymous false", f"password_file {passwords}"])
+    tls_port = broker.add_tls_listener(cert, key)
+    broker.restart()
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("s3cret\n")
+    cfg = small_config(broker, tmp_path, mqtt={
+        "port": tls_port, "username": "streamlstm", "password_file": "${CREDENTIALS_DIRECTORY}/mqtt-password",
+        "tls": {"enabled": True, "ca_file": str(ca)}})
+    d = daemons(tmp_path, cfg, env={"CREDENTIALS_DIRECTORY": str(creds)}).start()
+    d.wait_ready()  # subscribed: TLS verified against our CA, password accepted
+    publish_all(broker, [("sensors/s1", reading_payload(1.0, 0))], auth=("streamlstm", "s3cret"))
+    d.wait_processed(1)
+    assert d.stop() == 0, d.log_text()
+    assert "s3cret" not in d.log_text()
 
 
 def _run_cli(*args, env=None, unset=(), cwd=None, timeout=60):
@@ -487,9 +572,10 @@ def test_queue_batches_wait_for_max_delay_and_close_releases_producers():
     q = ReadingQueue(2)
     assert q.get_batch(10, 0.0, 0.05) == []
     q.put([(1, None)])
-    t0 = time.monotonic()
-    assert q.get_batch(10, 0.1, 1.0) == [(1, None)]
-    assert time.monotonic() - t0 >= 0.09  # waited for more
+    late = threading.Timer(0.05, q.put, args=([(2, None)],))
+    late.start()
+    assert q.get_batch(2, 30.0, 1.0) == [(1, None), (2, None)]  # waited for the batch to fill
+    late.join()
     result = []
     q.put([(1, None), (2, None)])
     t = threading.Thread(target=lambda: result.append(q.put([(3, None)])))

@@ -20,7 +20,8 @@ from streamlstm.factory import build_detector
 from streamlstm.metrics import REJECTION_REASONS, Metrics, serve
 
 # backend cpu: under the test suite NUMBA_ENABLE_CUDASIM=1 makes "auto" pick the (slow) CUDA simulator.
-SMALL = {"model": {"hidden_size": 8, "window": 8, "optimizer": "sgd", "learning_rate": 0.02}, "detector": {"warmup": 100, "long_window": 100, "threshold": 0.5},
+SMALL = {"model": {"hidden_size": 8, "window": 8, "optimizer": "sgd", "learning_rate": 0.02},
+         "detector": {"warmup": 100, "long_window": 100, "threshold": 0.5},
          "backend": {"kind": "cpu"}}
 N = 300  # readings per sensor; sensor s0 gets a spike at N - 50
 
