@@ -83,7 +83,6 @@ def replay_series(detector, sensor: str, seconds, values, chunk: int = 512, prog
     n = len(seconds)
     out = {k: [] for k in ("prediction", "residual", "score", "alert", "is_anomaly", "band", "reason")}
     events = []
-    kernel_time = 0.0
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         readings = [_Reading(sensor, float(seconds[i]), tuple(values[i])) for i in range(start, stop)]

@@ -73,3 +73,20 @@ def mosquitto(mosquitto_factory, request):
     """A running broker on a free loopback port; options via ``@pytest.mark.mosquitto(**kw)``."""
     marker = request.node.get_closest_marker("mosquitto")
     return mosquitto_factory(**(marker.kwargs if marker else {}))
+
+
+@pytest.fixture
+def daemons():
+    """Callable starting real daemon processes (tests/daemon_harness.py); all cleaned up after."""
+    from daemon_harness import DaemonProcess
+
+    started = []
+
+    def make(*args, **kwargs):
+        d = DaemonProcess(*args, **kwargs)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.cleanup()

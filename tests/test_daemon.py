@@ -443,7 +443,8 @@ def test_sighup_reloads_threshold_and_refuses_a_shape_change(mosquitto, tmp_path
 
         # Checkpoints that cannot be written are logged and counted; the daemon carries on.
         wait_for(lambda: (state_dir / "streamlstm.ckpt").exists(), 30, what="a periodic checkpoint")
-        shutil.rmtree(state_dir)
+        # rename, not rmtree: the checkpoint thread may be writing a temp file in there right now
+        state_dir.rename(tmp_path / "state-removed")
         state_dir.write_text("a file where the checkpoint directory was")
         wait_for(lambda: (d.sample("streamlstm_checkpoint_errors_total") or 0) >= 1, 30,
                  what="a failed checkpoint counted")

@@ -3,10 +3,7 @@
 Tests that say "default" build the detector from the default config (as the daemon does);
 the others use a small model to stay fast.
 """
-import dataclasses
-
 import numpy as np
-import pytest
 
 from streamlstm import replay
 from streamlstm.backend import make_backend
@@ -179,7 +176,7 @@ def test_non_finite_values_are_rejected():
 
 def test_gap_reset_after_a_long_gap():
     det = small_detector(gap_reset_intervals=10.0)
-    res = run(det, noisy_sine(100))
+    run(det, noisy_sine(100))
     batch = det.process([_Reading("s", 60.0 * 99 + 60.0 * 50, (0.0,))])
     assert batch.resets == [("default", "s", "gap")]
     assert batch.reason == [""]

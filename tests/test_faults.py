@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("paho.mqtt.client")
 
-from daemon_harness import (T0, DaemonProcess, Publisher, batch_payloads, daemon_config, report,  # noqa: E402
+from daemon_harness import (T0, Publisher, batch_payloads, daemon_config, report,  # noqa: E402
                             wait_for)
 from streamlstm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -31,20 +31,6 @@ pytestmark = [pytest.mark.timeout(300)]
 
 REDELIVERY = {"duplicate_timestamp", "out_of_order"}  # the only rejections a redelivery may cause
 CKPT = "streamlstm.ckpt"
-
-
-@pytest.fixture
-def daemons():
-    started = []
-
-    def make(*args, **kwargs):
-        d = DaemonProcess(*args, **kwargs)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.cleanup()
 
 
 class Feeder(threading.Thread):

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("paho.mqtt.client")
 
-from daemon_harness import DaemonProcess, Publisher, batch_payloads, daemon_config, report, wait_for  # noqa: E402
+from daemon_harness import Publisher, batch_payloads, daemon_config, report, wait_for  # noqa: E402
 
 BURST_READINGS = int(os.environ.get("STREAMLSTM_LOAD_READINGS", "1000000"))
 BURST_SENSORS = 10_000
@@ -27,20 +27,6 @@ PER_MESSAGE = 1000
 BURST_PEAK_RSS_MIB = 512
 BURST_GROWTH_MIB = 256
 SLOW_GROWTH_MIB = 64
-
-
-@pytest.fixture
-def daemons():
-    started = []
-
-    def make(*args, **kwargs):
-        d = DaemonProcess(*args, **kwargs)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.cleanup()
 
 
 def vm_rss_mib(pid: int) -> float:

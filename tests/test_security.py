@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("paho.mqtt.client")
 
-from daemon_harness import (DaemonProcess, Publisher, batch_payloads, daemon_config, fetch, report,  # noqa: E402
+from daemon_harness import (Publisher, batch_payloads, daemon_config, fetch, report,  # noqa: E402
                             wait_for, wait_online)
 from tls_ca import find_openssl, make_pki  # noqa: E402
 
@@ -35,20 +35,6 @@ def pki(tmp_path):
     if find_openssl() is None:
         pytest.skip("openssl command not found")
     return make_pki(tmp_path / "pki", client_key_passphrase=KEY_PASSPHRASE)
-
-
-@pytest.fixture
-def daemons():
-    started = []
-
-    def make(*args, **kwargs):
-        d = DaemonProcess(*args, **kwargs)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.cleanup()
 
 
 def tls_broker(mosquitto_factory, pki, extra_config=()):
