@@ -168,9 +168,11 @@ class Notify:
             if len(self.messages) == n:
                 return self.messages
 
-    def wait(self, key: str, value: str = "1", timeout: float = 60.0, alive: Callable[[], bool] = lambda: True) -> int:
+    def wait(self, key: str, value: str = "1", timeout: float = 60.0, alive: Callable[[], bool] = lambda: True,
+             after: int = 0) -> int:
+        """Index of the first message (from index `after` on) with key=value."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = after
         while True:
             for i in range(seen, len(self.messages)):
                 if self.messages[i].get(key) == value:

@@ -8,10 +8,8 @@ import pathlib
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -24,6 +22,7 @@ paho = pytest.importorskip("paho.mqtt.client")
 from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from daemon_harness import Notify  # noqa: E402
 from mosquitto import free_port  # noqa: E402
 from streamlstm.checkpoint import load_checkpoint  # noqa: E402
 from streamlstm.config import ConfigError, load_config, parse_config  # noqa: E402
@@ -76,43 +75,6 @@ def small_config(broker, tmp_path, **overrides) -> dict:
     for section, values in overrides.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
-
-
-class Notify:
-    """A datagram socket standing in for systemd's $NOTIFY_SOCKET."""
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="sdn")  # sun_path is short: not the deep tmp_path
-        self.path = os.path.join(self.dir, "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.messages: list[dict] = []
-
-    def _drain(self, timeout):
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536).decode()
-        except socket.timeout:
-            return None
-        msg = dict(line.split("=", 1) for line in data.split("\n") if "=" in line)
-        self.messages.append(msg)
-        return msg
-
-    def wait(self, key, value="1", timeout=60.0, after=0):
-        """Index of the first message (from index `after` on) with key=value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i in range(after, len(self.messages)):
-                if self.messages[i].get(key) == value:
-                    return i
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {key}={value} on the notify socket; got {self.messages}")
-            self._drain(min(left, 0.5))
-
-    def close(self):
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class DaemonProcess:
