@@ -42,6 +42,8 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
+from .detector.settings import parse_duration
+
 __all__ = [
     "BackendConfig", "CheckpointConfig", "Config", "ConfigError", "DetectorConfig",
     "GroupConfig", "HomeAssistantConfig", "InputConfig", "LoggingConfig", "MetricsConfig",
@@ -214,6 +216,14 @@ def _check_group_name(name: str) -> Optional[str]:
     return None
 
 
+def _check_duration(d: str) -> Optional[str]:
+    try:
+        parse_duration(d)
+    except ValueError:
+        return "expected a positive number with a unit s, m, h, d or w (e.g. 1d, 12h, 30m)"
+    return None
+
+
 def _check_field_path(p: str) -> Optional[str]:
     if any(part == "" for part in p.split(".")):
         return "is not a valid dotted field path"
@@ -311,7 +321,7 @@ class DetectorConfig:
     scaling_horizon: int = _int(5000, "readings the running mean/std remembers (slow drifts are followed)", min=1)
     warmup: int = _int(200, "no anomaly before this many readings of a sensor", min=0)
     score: str = _choice("likelihood", ("likelihood", "ksigma", "dynamic"), "anomaly score")
-    threshold: float = _float(0.875, "score at or above which a reading is anomalous", min=0, max=1,
+    threshold: float = _float(0.6, "score at or above which a reading is anomalous", min=0, max=1,
                               min_open=True, max_open=True)
     short_window: int = _int(10, "residual smoothing (readings)", min=1)
     long_window: int = _int(1000, "recent residual distribution (readings)", min=1)
@@ -326,6 +336,13 @@ class DetectorConfig:
     learning_protection: str = _choice("damp", ("off", "skip", "damp"), "how to train on anomalous readings")
     damp_factor: float = _float(0.1, "learning-rate factor for anomalous readings (damp)", min=0, max=1)
     gap_reset_intervals: float = _float(10.0, "reset a sensor's state after a gap of N typical intervals (0: never)", min=0)
+    seasonal_periods: tuple[str, ...] = _f(("1d", "7d"), _Spec(
+        "strlist", "periods of the seasonal profiles, e.g. [1d, 7d] (null or []: none)", nullable=True,
+        check=_check_duration))
+    seasonal_alpha: float = _float(0.2, "share of a seasonal profile bin renewed per period", min=0, max=1, min_open=True)
+    seasonal_max_bins: int = _int(2016, "most phase bins per seasonal profile (memory: 4 B per bin per sensor)", min=4)
+    peak_memory: int = _int(2000, "readings over which a sensor's own peak surprise is remembered (0: off)", min=0)
+    peak_floor: float = _float(4.0, "-log10 p a sensor's peaks may reach before they discount new evidence", min=0)
 
     def _problems(self):
         lo, hi = self.scale_min, self.scale_max
@@ -853,6 +870,8 @@ def _home_of(key: str, here) -> str:
 
 
 def _convert_strlist(spec: _Spec, v, path: str, errs: _Errors):
+    if spec.nullable and (v is None or (isinstance(v, (list, tuple)) and not v)):
+        return True, ()
     if isinstance(v, str):
         errs.add(path, f"expected {_expected(spec)}, got {_show(v)} (write [{v}])")
         return False, None

@@ -153,6 +153,8 @@ def daemon_config(*, mqtt_port: int, protocol: str, metrics_port: int, state_dir
             "short_window": 3,                        # short anomalies (spikes) must not be smoothed away
             "long_window": max(100, int(60 * rate)),  # about a minute of residuals
             "cooldown": max(1, int(2 * rate)),        # about two seconds
+            "seasonal_periods": [],                   # a demo lasts minutes, not days
+            "peak_memory": 0,                         # each injected anomaly is reported alike
         },
         "output": {"events_topic": EVENTS_TOPIC, "status_topic": STATUS_TOPIC},
         "metrics": {"enabled": True, "address": host, "port": metrics_port, "per_sensor": True},

@@ -16,11 +16,14 @@ from ..bank import ModelBank
 from ..spec import ModelSpec
 from .incidents import Incident, IncidentFilter
 from .scaling import FixedScaler, RunningScaler
-from .scores import HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, StuckScorer
+from .scores import HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, PeakReference, StuckScorer, log10_tail_to_score
+from .seasonal import SeasonalProfiles
 from .settings import DetectorSettings
 
 OK = ""
 PROTECT_SCORE = 0.5  # score of tail probability 1e-5
+PROTECT_LOG10 = 5.0
+PEAK_BASELINE = 200  # readings in the residual baseline before peaks are learnt
 
 
 @dataclasses.dataclass
@@ -87,9 +90,16 @@ class GroupDetector:
         else:
             self.scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale)
             self.threshold = s.threshold
+        # Seasonal channels: one profile and one residual likelihood per period, learnt by
+        # every scorer type alike (their tail probability is what gets combined).
+        periods = s.period_seconds
+        self.seasonal = SeasonalProfiles(periods, spec.output_size, s.seasonal_alpha, s.seasonal_max_bins) if periods else None
+        self.season_scorers = [LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale) for _ in periods]
+        # Peak references: for the model's residual, the seasonal channels and stuck runs.
+        self.peaks = [PeakReference(s.peak_memory, s.peak_floor) for _ in range(2)] if s.peak_memory > 0 else []
         # Stuck evidence saturates a little above the alert threshold: enough to open an
         # incident at any threshold, never outranking strong residual evidence.
-        stuck_cap = HALF_L * self.threshold / (1.0 - self.threshold) + HALF_L
+        stuck_cap = HALF_L * self.threshold / (1.0 - self.threshold) + 1.0
         self.stuck = StuckScorer(s.long_window, max_log10=stuck_cap) if s.stuck_detection else None
         self.incidents = IncidentFilter(self.threshold, s.min_duration, s.hysteresis, s.cooldown)
         self.open: dict[int, Incident] = {}
@@ -123,6 +133,8 @@ class GroupDetector:
         self.alert_peak = np.concatenate([self.alert_peak, np.zeros(extra)])
         self.scaler.grow(cap)
         self.scorer.grow(cap)
+        for obj in self.season_scorers + self.peaks + ([self.seasonal] if self.seasonal else []):
+            obj.grow(cap)
         self.incidents.grow(cap)
         if self.stuck is not None:
             self.stuck.grow(cap, self.spec.input_size)
@@ -172,18 +184,39 @@ class GroupDetector:
         has_pred = self.bank.ring_len[slots] > 0
         raw = np.sqrt(np.mean((target - pred) ** 2, axis=1))
         raw = np.where(has_pred, raw, 0.0)
-        score, smoothed = self.scorer.score(slots, raw)
-        if self.stuck is not None:
-            score = np.maximum(score, self.stuck.score_and_update(slots, values))
         seen = self.seen[slots]
         armed = seen >= s.warmup
+        std = self.scaler.std(slots)[:, self._outputs]
+        season_raw, season_ok = self._seasonal_residuals(slots, ts, values, std)
+        # A reading a seasonal profile explains is no surprise for the model's channel
+        # either (e.g. a transition that happens every day at the same time).
+        explained = np.where(season_ok, season_raw, np.inf).min(axis=1, initial=np.inf)
+        raw = np.minimum(raw, explained)
+        L, smoothed = self.scorer.log10p(slots, raw)
+        season_L, season_smoothed = self._seasonal_evidence(slots, season_raw, season_ok)
+        # Before the peak references discount it; nothing counts during warm-up.
+        evidence = np.where(armed & has_pred, np.maximum(L, season_L), 0.0)
+        extra = np.zeros(len(slots))
+        if self.peaks:
+            extra = self.peaks[0].offset(slots)
+            # Peaks are learnt once the residual baseline is mature: the huge evidence of a
+            # model still learning (a short warm-up) would otherwise mute the sensor for long.
+            mature = armed & (self.scorer_count(slots) >= min(PEAK_BASELINE, s.long_window))
+            L = self.peaks[0].adjust(slots, np.where(armed & has_pred, L, 0.0), mature)
+            season_L = self.peaks[1].adjust(slots, season_L, mature)
+        score = log10_tail_to_score(np.maximum(L, season_L))
+        if self.stuck is not None:
+            # Not through a peak reference: stuck evidence builds up reading by reading.
+            score = np.maximum(score, self.stuck.score_and_update(slots, values))
         score = np.where(armed & has_pred, score, 0.0)
         is_anomaly, opened, closed = self.incidents.step(slots, score, ts, armed)
         alert = self._alert(slots, score)
 
         # Learning protection keys on the evidence (p < 1e-5), not on the alert threshold:
         # a high threshold for rare incidents must not let the model learn anomalies.
-        suspicious = is_anomaly | (score >= min(self.threshold, PROTECT_SCORE))
+        # It uses the evidence before the peak references: a spiky sensor's routine spike
+        # is not an alert, but it must not widen the residual baseline either.
+        suspicious = is_anomaly | (score >= min(self.threshold, PROTECT_SCORE)) | (evidence >= PROTECT_LOG10)
         if s.learning_protection == "skip":
             weight = np.where(suspicious, 0.0, 1.0)
         elif s.learning_protection == "damp":
@@ -198,6 +231,10 @@ class GroupDetector:
         # Residuals made while the scale was still settling are meaningless (a std from a
         # handful of readings): they must not set the residual baseline.
         self.scorer.update(slots, smoothed, np.where(has_pred & learn, weight, 0.0))
+        if self.seasonal is not None:
+            for k, scorer in enumerate(self.season_scorers):
+                scorer.update(slots, season_smoothed[:, k], np.where(season_ok[:, k] & learn, weight, 0.0))
+            self.seasonal.update(slots, ts, values[:, self._outputs], self.interval[slots], np.where(learn, weight, 0.0))
 
         self.seen[slots] += 1
         dt = ts - self.last_ts[slots]
@@ -208,12 +245,11 @@ class GroupDetector:
         )
         self.last_ts[slots] = ts
 
-        std = self.scaler.std(slots)[:, self._outputs]
         prediction = self.scaler.inverse(slots, pred, self._outputs)
         residual = values[:, self._outputs] - prediction
         prediction[~has_pred] = np.nan
         residual[~has_pred] = np.nan
-        band = self.scorer.band(slots, self.threshold)[:, None] * std
+        band = self.scorer.band(slots, self.threshold, extra)[:, None] * std
         out.prediction[idx] = prediction
         out.residual[idx] = residual
         out.score[idx] = score
@@ -226,6 +262,35 @@ class GroupDetector:
             out.resets.append((self.names[slots[k]], "non_finite_state"))
             self._reset(slots[k])
         self._events(slots, ts, values, prediction, residual, score, opened, closed, is_anomaly, out)
+
+    def scorer_count(self, slots):
+        """Readings in the model-residual baseline (the count of the scorer's moments)."""
+        count = getattr(self.scorer, "count", None)
+        if count is None:  # the dynamic scorer keeps a window instead
+            return self.scorer.filled[slots]
+        return count[slots]
+
+    def _seasonal_residuals(self, slots, ts, values, std):
+        """(B, K) RMS residual against each seasonal profile in scaled units, and where it exists."""
+        if self.seasonal is None:
+            return np.zeros((len(slots), 0)), np.zeros((len(slots), 0), bool)
+        expected = self.seasonal.expected(slots, ts)
+        ok = ~np.isnan(expected).any(axis=2)
+        diff = (values[:, None, self._outputs] - expected) / std[:, None, :]
+        clip = self.spec.input_clip
+        season_raw = np.sqrt(np.mean(np.clip(np.nan_to_num(diff), -clip, clip) ** 2, axis=2))
+        return season_raw, ok
+
+    def _seasonal_evidence(self, slots, season_raw, season_ok):
+        """-log10 p of the strongest seasonal channel, 0 until a channel has a baseline."""
+        B, K = season_raw.shape
+        L = np.zeros(B)
+        smoothed = np.zeros((B, K))
+        for k, scorer in enumerate(self.season_scorers):
+            Lk, smoothed[:, k] = scorer.log10p(slots, np.where(season_ok[:, k], season_raw[:, k], 0.0))
+            baseline = scorer.count[slots] >= min(self.settings.warmup, self.settings.long_window)
+            L = np.maximum(L, np.where(season_ok[:, k] & baseline, Lk, 0.0))
+        return L, smoothed
 
     def _alert(self, slots, score):
         """Threshold-free alert suppression: a reading keeps its score only if it beats the
@@ -283,12 +348,22 @@ class GroupDetector:
 
     # --- checkpoints ------------------------------------------------------------------
 
+    def _stateful(self):
+        yield from (("scaler", self.scaler), ("scorer", self.scorer), ("incidents", self.incidents), ("stuck", self.stuck))
+        # Keyed by period so a config with other periods does not inherit the wrong baselines.
+        for period, scorer in zip(self.settings.seasonal_periods, self.season_scorers):
+            yield f"season_scorer.{period}", scorer
+        for name, peak in zip(("model", "seasonal"), self.peaks):
+            yield f"peak.{name}", peak
+
     def state_dict(self) -> tuple[dict, dict]:
         n = len(self.names)
         arrays = {f"bank.{k}": v for k, v in self.bank.state_dict().items()}
-        for prefix, obj in (("scaler", self.scaler), ("scorer", self.scorer), ("incidents", self.incidents), ("stuck", self.stuck)):
+        for prefix, obj in self._stateful():
             for name in getattr(obj, "STATE", ()):
                 arrays[f"{prefix}.{name}"] = getattr(obj, name)[:n].copy()
+        if self.seasonal is not None:
+            arrays.update({f"seasonal.{k}": v for k, v in self.seasonal.state_dict(n).items()})
         arrays["last_ts"] = self.last_ts[:n].copy()
         arrays["interval"] = self.interval[:n].copy()
         arrays["seen"] = self.seen[:n].copy()
@@ -310,11 +385,13 @@ class GroupDetector:
         self.sensors = {name: i for i, name in enumerate(names)}
         self.names = names
         self._grow(max(n, 1))
-        for prefix, obj in (("scaler", self.scaler), ("scorer", self.scorer), ("incidents", self.incidents), ("stuck", self.stuck)):
+        for prefix, obj in self._stateful():
             for name in getattr(obj, "STATE", ()):
                 key = f"{prefix}.{name}"
-                if key in arrays:
+                if key in arrays:  # absent in checkpoints of older versions: start afresh
                     getattr(obj, name)[:n] = arrays[key]
+        if self.seasonal is not None:
+            self.seasonal.load_state_dict({k[9:]: v for k, v in arrays.items() if k.startswith("seasonal.")}, n)
         self.last_ts[:n] = arrays["last_ts"]
         self.interval[:n] = arrays["interval"]
         self.seen[:n] = arrays["seen"]

@@ -32,6 +32,12 @@ def log10_tail_to_score(neg_log10_p: np.ndarray) -> np.ndarray:
     return L / (L + HALF_L)
 
 
+def score_to_log10(score: np.ndarray) -> np.ndarray:
+    """Inverse of log10_tail_to_score (a score of 1 maps to a large finite value)."""
+    s = np.minimum(score, 1.0 - 1e-12)
+    return HALF_L * s / (1.0 - s)
+
+
 def score_to_tail(score: float) -> float:
     return 10.0 ** (-HALF_L * score / (1.0 - score))
 
@@ -85,11 +91,15 @@ class LikelihoodScorer:
         var = np.minimum(self.var[slots], self.fvar[slots])
         return mean, np.maximum(np.sqrt(var), self.min_scale + 0.1 * mean)
 
-    def score(self, slots, raw):
+    def log10p(self, slots, raw):
+        """(-log10 p, smoothed residual) of each reading, before learning it."""
         m = np.where(self.count[slots] > 0, self.smooth[slots] + self.a_short * (raw - self.smooth[slots]), raw)
         mean, sigma = self._moments(slots)
-        z = (m - mean) / sigma
-        return log10_tail_to_score(neg_log10_upper_tail(z)), m
+        return np.maximum(neg_log10_upper_tail((m - mean) / sigma), 0.0), m
+
+    def score(self, slots, raw):
+        L, m = self.log10p(slots, raw)
+        return log10_tail_to_score(L), m
 
     def update(self, slots, smoothed, weight):
         self.smooth[slots] = smoothed
@@ -103,10 +113,13 @@ class LikelihoodScorer:
             var[slots] = (1 - alpha) * (var[slots] + alpha * delta * delta)
         self.count[slots] = np.minimum(n, self.long_window)
 
-    def band(self, slots, threshold: float):
-        """Smoothed |residual| (scaled units) at which the score reaches `threshold`."""
+    def band(self, slots, threshold: float, extra_log10=0.0):
+        """Smoothed |residual| (scaled units) at which the score reaches `threshold`
+        (`extra_log10`: evidence the peak reference takes off first, per slot)."""
         mean, sigma = self._moments(slots)
-        return mean + z_for_score(threshold) * sigma
+        L = HALF_L * threshold / (1.0 - threshold) + np.broadcast_to(extra_log10, np.shape(mean))
+        z = np.array([_z_for_tail(10.0 ** -x) for x in np.ravel(L)]).reshape(np.shape(mean))
+        return mean + z * sigma
 
     def reset(self, slots):
         self.smooth[slots] = np.minimum(self.mean[slots], self.fmean[slots])
@@ -119,9 +132,9 @@ class KSigmaScorer(LikelihoodScorer):
         super().__init__(short_window=1, long_window=long_window, min_scale=min_scale)
         self.ksigma = ksigma
 
-    def score(self, slots, raw):
+    def log10p(self, slots, raw):
         mean, sigma = self._moments(slots)
-        return log10_tail_to_score(neg_log10_upper_tail((raw - mean) / sigma)), raw
+        return np.maximum(neg_log10_upper_tail((raw - mean) / sigma), 0.0), raw
 
     def threshold_score(self) -> float:
         return float(log10_tail_to_score(neg_log10_upper_tail(np.array([self.ksigma])))[0])
@@ -218,11 +231,64 @@ class DynamicScorer:
                 return max(eps, peaks[i] * (1 + 1e-9))
         return eps
 
-    def band(self, slots, threshold: float):
+    def log10p(self, slots, raw):
+        score, e = self.score(slots, raw)
+        return score_to_log10(score), e
+
+    def band(self, slots, threshold: float, extra_log10=0.0):
         return np.maximum(self.eps[slots], self.min_scale)
 
     def reset(self, slots):
         self.smooth[slots] = 0.0
+
+
+class PeakReference:
+    """Surprise relative to the sensor's own recent peaks of surprise.
+
+    A tail probability assumes the residual's recent distribution describes its tail;
+    for spiky or heavy-tailed sensors it does not, and their routine spikes reach
+    -log10 p of 10 or more. Each slot remembers the peak evidence of its past excursions
+    (a maximum that decays over ~`window` readings) and a reading keeps only the evidence
+    above that peak's excess over `floor`: L' = max(L - max(peak - floor, 0), 0). A quiet
+    sensor (peaks below `floor`) is scored as before; a spiky one must beat its own spikes.
+    By default every reading updates the peak at once, so an excursion counts only while
+    it keeps surging (measured on NAB: long drifts of heavy-tailed sensors otherwise flood
+    alerts). With `per_excursion`, an excursion (L above `floor`) is folded into the peak
+    only once it ends, for evidence that must be allowed to build up reading by reading
+    (a stuck run). Peaks are learnt only while `armed` (after warm-up).
+    """
+
+    STATE = ("peak", "current")
+
+    def __init__(self, window: int, floor: float, per_excursion: bool = False):
+        self.window = window
+        self.floor = floor
+        self.per_excursion = per_excursion
+        self.peak = np.zeros(0)
+        self.current = np.zeros(0)
+
+    def grow(self, n: int):
+        extra = n - len(self.peak)
+        if extra > 0:
+            self.peak = np.concatenate([self.peak, np.zeros(extra)])
+            self.current = np.concatenate([self.current, np.zeros(extra)])
+
+    def offset(self, slots):
+        """Evidence taken off each slot's readings now."""
+        return np.maximum(self.peak[slots] - self.floor, 0.0)
+
+    def adjust(self, slots, log10p, armed):
+        out = np.maximum(log10p - self.offset(slots), 0.0)
+        peak, current = self.peak[slots], self.current[slots]
+        decayed = np.maximum(peak - np.maximum(peak, self.floor) / self.window, 0.0)
+        if not self.per_excursion:
+            self.peak[slots] = np.where(armed, np.maximum(decayed, log10p), peak)
+            return out
+        inside = log10p > self.floor
+        ended = ~inside & (current > 0)
+        self.peak[slots] = np.where(armed, np.where(ended, np.maximum(decayed, current), decayed), peak)
+        self.current[slots] = np.where(armed & inside, np.maximum(current, log10p), 0.0)
+        return out
 
 
 class StuckScorer:

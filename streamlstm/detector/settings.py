@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 SCALINGS = ("running", "fixed")
 SCORES = ("likelihood", "ksigma", "dynamic")
 PROTECTIONS = ("off", "skip", "damp")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as "1d", "7d", "12h", "90m", "3600s"."""
+    m = _DURATION.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a positive duration such as '1d', '12h', '30m' or '3600s', got {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +28,7 @@ class DetectorSettings:
     scaling_horizon: int = 5000
     warmup: int = 200
     score: str = "likelihood"
-    threshold: float = 0.5
+    threshold: float = 0.6
     short_window: int = 10
     long_window: int = 1000
     ksigma: float = 4.0
@@ -29,6 +40,11 @@ class DetectorSettings:
     learning_protection: str = "damp"
     damp_factor: float = 0.1
     gap_reset_intervals: float = 10.0
+    seasonal_periods: tuple = ("1d", "7d")
+    seasonal_alpha: float = 0.2
+    seasonal_max_bins: int = 2016
+    peak_memory: int = 2000
+    peak_floor: float = 4.0
 
     def __post_init__(self):
         if self.scaling not in SCALINGS:
@@ -43,6 +59,15 @@ class DetectorSettings:
             raise ValueError("scaling: fixed needs scale_min < scale_max")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("threshold must be in (0, 1)")
+        object.__setattr__(self, "seasonal_periods", tuple(self.seasonal_periods or ()))
+        for p in self.seasonal_periods:
+            parse_duration(p)
+        if not 0.0 < self.seasonal_alpha <= 1.0:
+            raise ValueError("seasonal_alpha must be in (0, 1]")
+
+    @property
+    def period_seconds(self) -> tuple:
+        return tuple(parse_duration(p) for p in self.seasonal_periods)
 
     @classmethod
     def from_mapping(cls, mapping) -> "DetectorSettings":
