@@ -95,7 +95,7 @@ class GroupDetector:
         periods = s.period_seconds
         self.seasonal = SeasonalProfiles(periods, spec.output_size, s.seasonal_alpha, s.seasonal_max_bins) if periods else None
         self.season_scorers = [LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale) for _ in periods]
-        # Peak references: for the model's residual, the seasonal channels and stuck runs.
+        # Peak references: one for the model's residual, one for the seasonal channels.
         self.peaks = [PeakReference(s.peak_memory, s.peak_floor) for _ in range(2)] if s.peak_memory > 0 else []
         # Stuck evidence saturates a little above the alert threshold: enough to open an
         # incident at any threshold, never outranking strong residual evidence.
@@ -186,6 +186,7 @@ class GroupDetector:
         raw = np.where(has_pred, raw, 0.0)
         seen = self.seen[slots]
         armed = seen >= s.warmup
+        live = armed & has_pred
         std = self.scaler.std(slots)[:, self._outputs]
         season_raw, season_ok = self._seasonal_residuals(slots, ts, values, std)
         # A reading a seasonal profile explains is no surprise for the model's channel
@@ -195,20 +196,20 @@ class GroupDetector:
         L, smoothed = self.scorer.log10p(slots, raw)
         season_L, season_smoothed = self._seasonal_evidence(slots, season_raw, season_ok)
         # Before the peak references discount it; nothing counts during warm-up.
-        evidence = np.where(armed & has_pred, np.maximum(L, season_L), 0.0)
+        evidence = np.where(live, np.maximum(L, season_L), 0.0)
         extra = np.zeros(len(slots))
         if self.peaks:
             extra = self.peaks[0].offset(slots)
             # Peaks are learnt once the residual baseline is mature: the huge evidence of a
             # model still learning (a short warm-up) would otherwise mute the sensor for long.
-            mature = armed & (self.scorer_count(slots) >= min(PEAK_BASELINE, s.long_window))
-            L = self.peaks[0].adjust(slots, np.where(armed & has_pred, L, 0.0), mature)
+            mature = armed & (self._baseline_count(slots) >= min(PEAK_BASELINE, s.long_window))
+            L = self.peaks[0].adjust(slots, np.where(live, L, 0.0), mature)
             season_L = self.peaks[1].adjust(slots, season_L, mature)
         score = log10_tail_to_score(np.maximum(L, season_L))
         if self.stuck is not None:
             # Not through a peak reference: stuck evidence builds up reading by reading.
             score = np.maximum(score, self.stuck.score_and_update(slots, values))
-        score = np.where(armed & has_pred, score, 0.0)
+        score = np.where(live, score, 0.0)
         is_anomaly, opened, closed = self.incidents.step(slots, score, ts, armed)
         alert = self._alert(slots, score)
 
@@ -263,7 +264,7 @@ class GroupDetector:
             self._reset(slots[k])
         self._events(slots, ts, values, prediction, residual, score, opened, closed, is_anomaly, out)
 
-    def scorer_count(self, slots):
+    def _baseline_count(self, slots):
         """Readings in the model-residual baseline (the count of the scorer's moments)."""
         count = getattr(self.scorer, "count", None)
         if count is None:  # the dynamic scorer keeps a window instead

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, vectorize
+from numba import vectorize
 
 HALF_L = 5.0  # score 0.5 at p = 1e-5
 LN10 = math.log(10.0)
@@ -38,11 +38,7 @@ def score_to_log10(score: np.ndarray) -> np.ndarray:
     return HALF_L * s / (1.0 - s)
 
 
-def score_to_tail(score: float) -> float:
-    return 10.0 ** (-HALF_L * score / (1.0 - score))
-
-
-@njit(cache=True)
+@vectorize(["float64(float64)"], cache=True, nopython=True)
 def _z_for_tail(p):
     # Invert the Gaussian upper tail by bisection (only used for the reported band).
     lo, hi = -10.0, 40.0
@@ -53,10 +49,6 @@ def _z_for_tail(p):
         else:
             hi = mid
     return 0.5 * (lo + hi)
-
-
-def z_for_score(score: float) -> float:
-    return float(_z_for_tail(score_to_tail(score)))
 
 
 class LikelihoodScorer:
@@ -117,9 +109,8 @@ class LikelihoodScorer:
         """Smoothed |residual| (scaled units) at which the score reaches `threshold`
         (`extra_log10`: evidence the peak reference takes off first, per slot)."""
         mean, sigma = self._moments(slots)
-        L = HALF_L * threshold / (1.0 - threshold) + np.broadcast_to(extra_log10, np.shape(mean))
-        z = np.array([_z_for_tail(10.0 ** -x) for x in np.ravel(L)]).reshape(np.shape(mean))
-        return mean + z * sigma
+        L = HALF_L * threshold / (1.0 - threshold) + np.asarray(extra_log10, dtype=np.float64)
+        return mean + _z_for_tail(10.0 ** -L) * sigma
 
     def reset(self, slots):
         self.smooth[slots] = np.minimum(self.mean[slots], self.fmean[slots])
@@ -251,27 +242,22 @@ class PeakReference:
     (a maximum that decays over ~`window` readings) and a reading keeps only the evidence
     above that peak's excess over `floor`: L' = max(L - max(peak - floor, 0), 0). A quiet
     sensor (peaks below `floor`) is scored as before; a spiky one must beat its own spikes.
-    By default every reading updates the peak at once, so an excursion counts only while
-    it keeps surging (measured on NAB: long drifts of heavy-tailed sensors otherwise flood
-    alerts). With `per_excursion`, an excursion (L above `floor`) is folded into the peak
-    only once it ends, for evidence that must be allowed to build up reading by reading
-    (a stuck run). Peaks are learnt only while `armed` (after warm-up).
+    Every reading updates the peak at once, so an excursion counts only while it keeps
+    surging (measured on NAB: long drifts of heavy-tailed sensors otherwise flood alerts).
+    Peaks are learnt only while `armed`.
     """
 
-    STATE = ("peak", "current")
+    STATE = ("peak",)
 
-    def __init__(self, window: int, floor: float, per_excursion: bool = False):
+    def __init__(self, window: int, floor: float):
         self.window = window
         self.floor = floor
-        self.per_excursion = per_excursion
         self.peak = np.zeros(0)
-        self.current = np.zeros(0)
 
     def grow(self, n: int):
         extra = n - len(self.peak)
         if extra > 0:
             self.peak = np.concatenate([self.peak, np.zeros(extra)])
-            self.current = np.concatenate([self.current, np.zeros(extra)])
 
     def offset(self, slots):
         """Evidence taken off each slot's readings now."""
@@ -279,15 +265,9 @@ class PeakReference:
 
     def adjust(self, slots, log10p, armed):
         out = np.maximum(log10p - self.offset(slots), 0.0)
-        peak, current = self.peak[slots], self.current[slots]
-        decayed = np.maximum(peak - np.maximum(peak, self.floor) / self.window, 0.0)
-        if not self.per_excursion:
-            self.peak[slots] = np.where(armed, np.maximum(decayed, log10p), peak)
-            return out
-        inside = log10p > self.floor
-        ended = ~inside & (current > 0)
-        self.peak[slots] = np.where(armed, np.where(ended, np.maximum(decayed, current), decayed), peak)
-        self.current[slots] = np.where(armed & inside, np.maximum(current, log10p), 0.0)
+        peak = self.peak[slots]
+        decayed = peak - np.maximum(peak, self.floor) / self.window
+        self.peak[slots] = np.where(armed, np.maximum(decayed, log10p), peak)
         return out
 
 
