@@ -1,4 +1,4 @@
-"""Command line: ``streamlstm run | check-config | warmup | replay | evaluate | demo``.
+"""Command line: ``streamlstm run | check-config | warmup | replay | evaluate | fit | demo``.
 
 Exit status 2 means a configuration problem (the systemd unit does not restart on it); the
 message names the key path and no traceback is printed.
@@ -39,11 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-plot", action="store_true", help="do not write a PNG even if matplotlib is installed")
     rp.add_argument("-c", "--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
 
-    e = sub.add_parser("evaluate", help="replay every CSV under DIR and score the corpus the way NAB does")
-    e.add_argument("dir", metavar="DIR")
-    e.add_argument("--labels", required=True, metavar="WINDOWS.json", help="NAB combined_windows.json")
+    e = sub.add_parser("evaluate", help="score the detector on labelled corpora: NAB in-sample and leave-one-"
+                                        "category-out, SKAB point-wise and change points, cold and warm-started")
+    e.add_argument("dir", nargs="?", metavar="NAB_DIR",
+                   help="NAB series: a dataset root (data/ and labels/combined_windows.json) or a data directory")
+    e.add_argument("--labels", metavar="WINDOWS.json", help="NAB combined_windows.json (default: NAB_DIR/labels/...)")
+    e.add_argument("--skab", metavar="SKAB_DIR", help="SKAB dataset root (data/, labels/, anomaly-free/)")
+    e.add_argument("--no-warm", action="store_true", help="SKAB: skip the run warm-started from anomaly-free/")
+    e.add_argument("--ablation", action="store_true", help="also evaluate with each evidence channel switched off")
+    e.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     e.add_argument("--processes", type=int, default=0, help="worker processes (default: one per CPU, at most one per file)")
     e.add_argument("-c", "--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
+
+    f = sub.add_parser("fit", help="train the configured models on recorded normal data (warm start): the "
+                                   "checkpoint it writes is where `run` starts from")
+    f.add_argument("history", metavar="HISTORY.csv", help="timestamp,value[,...] rows of normal operation")
+    f.add_argument("--sensor", help="sensor id the history belongs to (default: the file name without .csv)")
+    f.add_argument("-c", "--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
 
     d = sub.add_parser("demo", help="local broker, simulated sensors and the daemon, printing events")
     d.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the demo")
@@ -77,6 +89,8 @@ def main(argv=None) -> int:
             return _replay(args)
         if cmd == "evaluate":
             return _evaluate(args)
+        if cmd == "fit":
+            return _fit(args)
         if cmd == "demo":
             return _demo(args.args)
     except ConfigError as exc:
@@ -180,16 +194,62 @@ def _replay(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from . import nab, replay
+    import json
+
+    from . import evaluation, nab
 
     config = _load(args.config)
-    root = pathlib.Path(args.dir)
-    files = sorted(p for p in root.rglob("*.csv") if p.is_file())
-    if not files:
-        print(f"streamlstm evaluate: no .csv files under {root}", file=sys.stderr)
+    if args.dir is None and args.skab is None:
+        print("streamlstm evaluate: give NAB_DIR, --skab SKAB_DIR or both", file=sys.stderr)
         return EXIT_FAILURE
-    windows = nab.load_windows(args.labels)
-    replay.evaluate(config, files, windows, processes=args.processes)
+    jobs, windows = [], None
+    if args.dir is not None:
+        root = pathlib.Path(args.dir)
+        labels = args.labels or root / "labels" / "combined_windows.json"
+        if not pathlib.Path(labels).exists():
+            print(f"streamlstm evaluate: no NAB labels at {labels} (give --labels)", file=sys.stderr)
+            return EXIT_FAILURE
+        windows = nab.load_windows(labels)
+        jobs = evaluation.labelled_jobs(root / "data" if (root / "data").is_dir() else root, windows)
+        if not jobs:
+            print(f"streamlstm evaluate: no .csv files under {root}", file=sys.stderr)
+            return EXIT_FAILURE
+    variants = [("default", config)]
+    if args.ablation:
+        variants += [(f"no {c}", evaluation.without_channel(config, c)) for c in config.groups[0].detector.channels]
+    table = []
+    for name, cfg in variants:
+        table += evaluation.evaluate_all(cfg, jobs, windows, args.skab, warm=not args.no_warm, processes=args.processes,
+                                         variant=name, details=name == "default",
+                                         report=lambda line: print(line, flush=True))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(table, indent=1, default=float) + "\n")
+    return EXIT_OK
+
+
+def _fit(args) -> int:
+    from . import evaluation, replay
+    from .checkpoint import CheckpointStore
+    from .daemon import checkpoint_meta, restore_detector
+    from .factory import build_detector
+
+    config = _load(args.config)
+    path = pathlib.Path(args.history)
+    try:
+        seconds, _, values = replay.read_series(path)
+    except (OSError, ValueError) as exc:
+        print(f"streamlstm fit: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    store = CheckpointStore(config.checkpoint.directory)
+    # Continue from the checkpoint `run` would load: several sensors can be fitted in turn.
+    detector, _ = restore_detector(config, store, build_detector)
+    sensor = args.sensor or path.stem
+    t0 = time.perf_counter()
+    evaluation.learn_history(detector, sensor, seconds, values)
+    arrays, meta = detector.state_dict()
+    store.save(arrays, checkpoint_meta(config, meta))
+    print(f"{path}: {len(seconds)} readings of {sensor} learnt in {time.perf_counter() - t0:.1f} s; "
+          f"checkpoint {store.path}")
     return EXIT_OK
 
 

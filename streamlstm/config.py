@@ -42,7 +42,7 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
-from .detector.settings import parse_duration
+from .detector.settings import CHANNELS, parse_duration
 
 __all__ = [
     "BackendConfig", "CheckpointConfig", "Config", "ConfigError", "DetectorConfig",
@@ -224,6 +224,10 @@ def _check_duration(d: str) -> Optional[str]:
     return None
 
 
+def _check_channel(name: str) -> Optional[str]:
+    return None if name in CHANNELS else f"expected one of {', '.join(CHANNELS)}"
+
+
 def _check_field_path(p: str) -> Optional[str]:
     if any(part == "" for part in p.split(".")):
         return "is not a valid dotted field path"
@@ -328,7 +332,10 @@ class DetectorConfig:
     ksigma: float = _float(4.0, "k for score: ksigma", min=0, min_open=True)
     min_residual_scale: float = _float(0.05, "floor of the residual spread, in units of the sensor's std", min=0,
                                        min_open=True)
-    stuck_detection: bool = _bool(True, "flag a sensor that stops changing")
+    channels: tuple[str, ...] = _f(CHANNELS, _Spec(
+        "strlist", "evidence channels: model (LSTM residual), seasonal (time-of-day/week profiles), range "
+        "(distance from the sensor's normal), stuck (a sensor that stops changing)", nullable=True,
+        check=_check_channel))
     min_duration: int = _int(1, "readings above threshold before an incident opens", min=1)
     hysteresis: float = _float(0.9, "incident closes when the score drops below threshold * hysteresis",
                                min=0, max=1, min_open=True)
@@ -342,7 +349,8 @@ class DetectorConfig:
     seasonal_alpha: float = _float(0.2, "share of a seasonal profile bin renewed per period", min=0, max=1, min_open=True)
     seasonal_max_bins: int = _int(2016, "most phase bins per seasonal profile (memory: 4 B per bin per sensor)", min=4)
     peak_memory: int = _int(2000, "readings over which a sensor's own peak surprise is remembered (0: off)", min=0)
-    peak_floor: float = _float(4.0, "-log10 p a sensor's peaks may reach before they discount new evidence", min=0)
+    accept_after: int = _int(1000, "readings an incident may stay open before its level is accepted as the new "
+                                   "normal and it closes with reason 'accepted' (0: never)", min=0)
 
     def _problems(self):
         lo, hi = self.scale_min, self.scale_max

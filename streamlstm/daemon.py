@@ -250,6 +250,8 @@ def event_message(kind: str, incident) -> bytes:
         "peak_score": _num(incident.score if opening else incident.peak_score),
         "peak_timestamp": _num(incident.timestamp if opening else incident.peak_timestamp),
         "readings": 1 if opening else int(incident.readings),
+        "evidence": incident.evidence,  # the channel that opened it: model, seasonal, range or stuck
+        "reason": None if opening else (incident.reason or None),  # returned, accepted or gap
     }, allow_nan=False, separators=(",", ":")).encode()
 
 

@@ -270,8 +270,10 @@ def test_spike_gives_one_anomaly_event_metrics_and_rejections(mosquitto, tmp_pat
         assert a["value"] == pytest.approx(values[SPIKE_AT])
         assert isinstance(a["prediction"], float) and isinstance(a["residual"], float)
         assert a["score"] >= a["threshold"] == 0.5 and a["peak_score"] == a["score"]
+        assert a["evidence"] in ("model", "range") and a["reason"] is None  # a spike: the residual or the range
         resolved = [e for e in events if e["event"] == "resolved"]
         assert all(e["start"] == a["start"] and e["end"] > e["start"] for e in resolved)
+        assert all(e["reason"] == "returned" and e["evidence"] == a["evidence"] for e in resolved)
         assert all(0 < m[3].MessageExpiryInterval <= 3600 for m in event_msgs)  # MQTT 5 expiry
 
         discovery = [m for m in sub.seen if m[0].startswith("homeassistant/binary_sensor/")]

@@ -81,27 +81,37 @@ def test_profile_state_round_trip_and_other_periods_start_afresh():
     assert other.used == 0 and (other.offset == -1).all()
 
 
-def test_peak_reference_discounts_a_sensor_by_its_own_recent_peaks():
-    ref = PeakReference(window=100, floor=4.0)
+def test_peak_reference_calibrates_a_sensor_by_its_own_recent_peaks():
+    ref = PeakReference(window=100)  # calibrated maximum over 100 readings: log10(100) = 2
+    assert ref.floor == pytest.approx(2.0)
     ref.grow(2)
     slots = np.array([0, 1])
     on = np.array([True, True])
-    np.testing.assert_allclose(ref.adjust(slots, np.array([3.0, 20.0]), on), [3.0, 20.0])
-    # Slot 1 has peaked at 20: new evidence must beat 20 - 4 before it counts.
-    np.testing.assert_allclose(ref.adjust(slots, np.array([10.0, 10.0]), on), [10.0, 0.0], atol=1e-12)
-    out = ref.adjust(slots, np.array([10.0, 30.0]), on)
-    assert out[1] == pytest.approx(30.0 - (20.0 - 20.0 / 100 - 4.0))
+    np.testing.assert_allclose(ref.adjust(slots, np.array([1.5, 20.0]), on), [1.5, 20.0])
+    # One excursion may at most double the reference it began from: 2 -> 4, not 20.
+    assert ref.peak[1] == pytest.approx(4.0)
+    np.testing.assert_allclose(ref.factor(slots), [1.0, 0.5])
+    # Within the same excursion the cap stays at twice its starting reference.
+    ref.adjust(slots, np.array([1.0, 30.0]), on)
+    assert ref.peak[1] == pytest.approx(4.0)
+    # A new excursion (after a quiet reading) may double again.
+    ref.adjust(slots, np.array([1.0, 1.0]), on)
+    ref.adjust(slots, np.array([1.0, 30.0]), on)
+    assert 7.5 < ref.peak[1] <= 8.0
+    # Evidence is scaled, not cut: a surprise far above the sensor's peaks keeps most of it.
+    out = ref.adjust(slots, np.array([1.0, 400.0]), on)
+    assert out[1] > 90.0
     # The peak is forgotten over ~window readings.
-    for _ in range(500):
+    for _ in range(1000):
         ref.adjust(slots, np.zeros(2), on)
-    assert ref.offset(slots)[1] == 0.0
+    np.testing.assert_allclose(ref.factor(slots), [1.0, 1.0])
 
 
 def test_peak_reference_learns_nothing_before_warmup():
-    ref = PeakReference(window=100, floor=4.0)
+    ref = PeakReference(window=100)
     ref.grow(1)
     ref.adjust(np.array([0]), np.array([50.0]), np.array([False]))
-    assert ref.offset(np.array([0]))[0] == 0.0
+    assert ref.factor(np.array([0]))[0] == 1.0
 
 
 def test_durations_and_config_keys():

@@ -16,14 +16,17 @@ from ..bank import ModelBank
 from ..spec import ModelSpec
 from .incidents import Incident, IncidentFilter
 from .scaling import FixedScaler, RunningScaler
-from .scores import HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, PeakReference, StuckScorer, log10_tail_to_score
+from .scores import (HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, PeakReference, StuckScorer,
+                     log10_tail_to_score, score_to_log10)
 from .seasonal import SeasonalProfiles
-from .settings import DetectorSettings
+from .settings import CHANNELS, DetectorSettings
 
 OK = ""
+CALIBRATED = CHANNELS[:3]  # stuck evidence builds up reading by reading: no peak reference
 PROTECT_SCORE = 0.5  # score of tail probability 1e-5
 PROTECT_LOG10 = 5.0
 PEAK_BASELINE = 200  # readings in the residual baseline before peaks are learnt
+SCORE_CLIP = 1000.0  # largest deviation (in units of the sensor's std) that evidence is measured on
 
 
 @dataclasses.dataclass
@@ -92,17 +95,23 @@ class GroupDetector:
             self.threshold = s.threshold
         # Seasonal channels: one profile and one residual likelihood per period, learnt by
         # every scorer type alike (their tail probability is what gets combined).
-        periods = s.period_seconds
+        periods = s.period_seconds if "seasonal" in s.channels else ()
         self.seasonal = SeasonalProfiles(periods, spec.output_size, s.seasonal_alpha, s.seasonal_max_bins) if periods else None
         self.season_scorers = [LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale) for _ in periods]
-        # Peak references: one for the model's residual, one for the seasonal channels.
-        self.peaks = [PeakReference(s.peak_memory, s.peak_floor) for _ in range(2)] if s.peak_memory > 0 else []
+        # The range channel: how far the reading is from the sensor's running normal (the
+        # scaler's mean and std, which stop learning while an incident is open, so it keeps
+        # measuring the distance from the normal the sensor had before the incident).
+        self.range_scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale)
+        # Peak references calibrate each channel's evidence to the sensor's own peaks.
+        self.peaks = {c: PeakReference(s.peak_memory) for c in CALIBRATED} if s.peak_memory > 0 else {}
         # Stuck evidence saturates a little above the alert threshold: enough to open an
         # incident at any threshold, never outranking strong residual evidence.
         stuck_cap = HALF_L * self.threshold / (1.0 - self.threshold) + 1.0
-        self.stuck = StuckScorer(s.long_window, max_log10=stuck_cap) if s.stuck_detection else None
+        self.stuck = StuckScorer(s.long_window, max_log10=stuck_cap) if "stuck" in s.channels else None
         self.incidents = IncidentFilter(self.threshold, s.min_duration, s.hysteresis, s.cooldown)
         self.open: dict[int, Incident] = {}
+        self._enabled = np.array([c in s.channels for c in CHANNELS])
+        self.trace = None  # a list to append (slots, evidence per channel before and after calibration) to
         self.last_ts = np.zeros(0)
         self.interval = np.zeros(0)
         self.seen = np.zeros(0, np.int64)
@@ -133,7 +142,7 @@ class GroupDetector:
         self.alert_peak = np.concatenate([self.alert_peak, np.zeros(extra)])
         self.scaler.grow(cap)
         self.scorer.grow(cap)
-        for obj in self.season_scorers + self.peaks + ([self.seasonal] if self.seasonal else []):
+        for obj in [self.range_scorer, *self.season_scorers, *self.peaks.values()] + ([self.seasonal] if self.seasonal else []):
             obj.grow(cap)
         self.incidents.grow(cap)
         if self.stuck is not None:
@@ -176,13 +185,14 @@ class GroupDetector:
         t0 = time.perf_counter()
         pred = self.bank.predict(slots)  # made before this reading arrived
         self.kernel_seconds += time.perf_counter() - t0
-        # The model sees inputs clipped to +-input_clip: residuals are measured on the same
-        # scale, so one absurd reading (1e9) scores as the largest possible surprise without
-        # flooding the smoothed residual for many readings after it.
-        clip = self.spec.input_clip
-        target = np.clip(z[:, self._outputs], -clip, clip)
+        # The model learns from inputs clipped to +-input_clip, but evidence is measured on the
+        # reading as it is (up to SCORE_CLIP): a 200-sigma surprise must outscore a 10-sigma
+        # one, while one absurd reading (1e9) cannot flood the smoothed residual for long.
+        # Over a vector's features the largest deviation counts (a shift in one of eight
+        # sensors must not be averaged away by the seven that did not move).
+        target = np.clip(z[:, self._outputs], -SCORE_CLIP, SCORE_CLIP)
         has_pred = self.bank.ring_len[slots] > 0
-        raw = np.sqrt(np.mean((target - pred) ** 2, axis=1))
+        raw = np.abs(target - pred).max(axis=1)
         raw = np.where(has_pred, raw, 0.0)
         seen = self.seen[slots]
         armed = seen >= s.warmup
@@ -195,23 +205,33 @@ class GroupDetector:
         raw = np.minimum(raw, explained)
         L, smoothed = self.scorer.log10p(slots, raw)
         season_L, season_smoothed = self._seasonal_evidence(slots, season_raw, season_ok)
-        # Before the peak references discount it; nothing counts during warm-up.
-        evidence = np.where(live, np.maximum(L, season_L), 0.0)
+        range_raw = np.minimum(np.abs(target).max(axis=1), explained)
+        range_L, range_smoothed = self.range_scorer.log10p(slots, range_raw)
+        range_L = np.where(self.range_scorer.count[slots] >= min(s.warmup, s.long_window), range_L, 0.0)
+        channels = np.stack([np.where(live, L, 0.0), season_L, np.where(armed, range_L, 0.0), np.zeros(len(slots))])
+        channels[~self._enabled] = 0.0
+        # Before the peak references calibrate it; nothing counts during warm-up.
+        evidence = np.where(live, channels[:3].max(axis=0), 0.0)
+        raw_channels = channels.copy() if self.trace is not None else None
         extra = np.zeros(len(slots))
         if self.peaks:
-            extra = self.peaks[0].offset(slots)
+            extra = self.peaks["model"].offset(slots)
             # Peaks are learnt once the residual baseline is mature: the huge evidence of a
             # model still learning (a short warm-up) would otherwise mute the sensor for long.
             mature = armed & (self._baseline_count(slots) >= min(PEAK_BASELINE, s.long_window))
-            L = self.peaks[0].adjust(slots, np.where(live, L, 0.0), mature)
-            season_L = self.peaks[1].adjust(slots, season_L, mature)
-        score = log10_tail_to_score(np.maximum(L, season_L))
+            for k, name in enumerate(CALIBRATED):
+                channels[k] = self.peaks[name].adjust(slots, channels[k], mature)
         if self.stuck is not None:
-            # Not through a peak reference: stuck evidence builds up reading by reading.
-            score = np.maximum(score, self.stuck.score_and_update(slots, values))
-        score = np.where(live, score, 0.0)
+            channels[3] = score_to_log10(self.stuck.score_and_update(slots, values))
+        channels = np.where(live, channels, 0.0)
+        score = log10_tail_to_score(channels.max(axis=0))
+        fired = channels.argmax(axis=0)
+        if self.trace is not None:
+            self.trace.append((slots.copy(), raw_channels, channels.copy()))
         is_anomaly, opened, closed = self.incidents.step(slots, score, ts, armed)
-        alert = self._alert(slots, score)
+        accepted = self._accept(slots, is_anomaly & ~opened)
+        closed |= accepted
+        alert = self._alert(slots, score, opened, is_anomaly)
 
         # Learning protection keys on the evidence (p < 1e-5), not on the alert threshold:
         # a high threshold for rare incidents must not let the model learn anomalies.
@@ -229,6 +249,14 @@ class GroupDetector:
         result = self.bank.step(slots, z, np.where(learn, weight, 0.0))
         self.kernel_seconds += time.perf_counter() - t0
         self.scaler.update(slots, values, np.where(suspicious, 0.0, 1.0))
+        # What normal distance looks like is never learnt from an open incident: the incident
+        # stays open while the sensor is away from the normal it had before (the scale stops
+        # learning then too), until it returns or accept_after makes the new level normal.
+        self.range_scorer.update(slots, range_smoothed, np.where(learn & ~is_anomaly, weight, 0.0))
+        if accepted.any():
+            # The new level is the new normal: the scale re-centres on it.
+            self.scaler.rebase(slots[accepted], values[accepted], s.scaling_warmup)
+            self.range_scorer.reset(slots[accepted])
         # Residuals made while the scale was still settling are meaningless (a std from a
         # handful of readings): they must not set the residual baseline.
         self.scorer.update(slots, smoothed, np.where(has_pred & learn, weight, 0.0))
@@ -262,7 +290,7 @@ class GroupDetector:
         for k in np.flatnonzero(result.status == 1):
             out.resets.append((self.names[slots[k]], "non_finite_state"))
             self._reset(slots[k])
-        self._events(slots, ts, values, prediction, residual, score, opened, closed, is_anomaly, out)
+        self._events(slots, ts, values, prediction, residual, score, opened, closed, accepted, fired, is_anomaly, out)
 
     def _baseline_count(self, slots):
         """Readings in the model-residual baseline (the count of the scorer's moments)."""
@@ -272,14 +300,14 @@ class GroupDetector:
         return count[slots]
 
     def _seasonal_residuals(self, slots, ts, values, std):
-        """(B, K) RMS residual against each seasonal profile in scaled units, and where it exists."""
+        """(B, K) largest |residual| over the outputs against each seasonal profile in scaled units,
+        and where it exists."""
         if self.seasonal is None:
             return np.zeros((len(slots), 0)), np.zeros((len(slots), 0), bool)
         expected = self.seasonal.expected(slots, ts)
         ok = ~np.isnan(expected).any(axis=2)
         diff = (values[:, None, self._outputs] - expected) / std[:, None, :]
-        clip = self.spec.input_clip
-        season_raw = np.sqrt(np.mean(np.clip(np.nan_to_num(diff), -clip, clip) ** 2, axis=2))
+        season_raw = np.abs(np.clip(np.nan_to_num(diff), -SCORE_CLIP, SCORE_CLIP)).max(axis=2)
         return season_raw, ok
 
     def _seasonal_evidence(self, slots, season_raw, season_ok):
@@ -293,14 +321,16 @@ class GroupDetector:
             L = np.maximum(L, np.where(season_ok[:, k] & baseline, Lk, 0.0))
         return L, smoothed
 
-    def _alert(self, slots, score):
+    def _alert(self, slots, score, opened, is_open):
         """Threshold-free alert suppression: a reading keeps its score only if it beats the
-        slot's recent peak (which decays to 0 over `cooldown` readings). Whatever threshold
-        is applied later, one incident then gives one or a few alert rows instead of a run,
-        which is what row-counting benchmarks such as NAB reward."""
+        slot's recent peak (which decays to 0 over `cooldown` readings once no incident is
+        open), and an open incident alerts once, when it opens. Whatever threshold is applied
+        later, one incident then gives one or a few alert rows instead of a run, which is what
+        row-counting benchmarks such as NAB reward."""
         peak = self.alert_peak[slots]
-        alert = np.where(score > peak, score, 0.0)
-        self.alert_peak[slots] = np.maximum(score, peak - 1.0 / max(self.settings.cooldown, 1))
+        alert = np.where((score > peak) & (opened | ~is_open), score, 0.0)
+        decayed = np.where(is_open, peak, peak - 1.0 / max(self.settings.cooldown, 1))
+        self.alert_peak[slots] = np.maximum(score, decayed)
         return alert
 
     def _gap_resets(self, slots, ts, out):
@@ -316,17 +346,38 @@ class GroupDetector:
             incident = self.open.pop(int(slot), None)
             if incident is not None and self.incidents.force_close(np.array([slot]))[0]:
                 incident.end = float(self.last_ts[slot])
+                incident.reason = "gap"
                 out.events.append(("resolved", incident))
+
+    def close_all(self):
+        """Close every open incident without events (the end of a warm-start fit: a live start
+        must not inherit an incident of the history)."""
+        n = len(self.names)
+        self.incidents.force_close(np.arange(n))
+        self.open.clear()
 
     def _reset(self, slot):
         self.bank.reset_slot(int(slot))
         self.scorer.reset(np.array([slot]))
 
-    def _events(self, slots, ts, values, prediction, residual, score, opened, closed, is_anomaly, out):
+    def _accept(self, slots, still_open):
+        """Incidents open for `accept_after` readings: the sensor has a new normal. Closed here
+        (with reason "accepted"); the caller re-centres the scale on the new level."""
+        n = self.settings.accept_after
+        if n <= 0:
+            return np.zeros(len(slots), bool)
+        accepted = still_open & (self.incidents.length[slots] >= n)
+        if accepted.any():
+            self.incidents.force_close(slots[accepted])
+            self.incidents.cooldown[slots[accepted]] = self.settings.cooldown
+        return accepted
+
+    def _events(self, slots, ts, values, prediction, residual, score, opened, closed, accepted, fired, is_anomaly, out):
         for k in np.flatnonzero(closed):
             incident = self.open.pop(int(slots[k]), None)
             if incident is not None:
                 incident.end = float(ts[k])
+                incident.reason = "accepted" if accepted[k] else "returned"
                 incident.peak_score = float(self.incidents.peak[slots[k]])
                 incident.peak_timestamp = float(self.incidents.peak_ts[slots[k]])
                 out.events.append(("resolved", incident))
@@ -342,7 +393,7 @@ class GroupDetector:
                 sensor=self.names[slot], group=self.name, start=float(ts[k]), timestamp=float(ts[k]),
                 value=values[k].tolist(), prediction=prediction[k].tolist(), residual=residual[k].tolist(),
                 score=float(score[k]), threshold=float(self.threshold), peak_score=float(score[k]),
-                peak_timestamp=float(ts[k]), readings=1,
+                peak_timestamp=float(ts[k]), readings=1, evidence=CHANNELS[fired[k]],
             )
             self.open[slot] = incident
             out.events.append(("anomaly", incident))
@@ -350,11 +401,12 @@ class GroupDetector:
     # --- checkpoints ------------------------------------------------------------------
 
     def _stateful(self):
-        yield from (("scaler", self.scaler), ("scorer", self.scorer), ("incidents", self.incidents), ("stuck", self.stuck))
+        yield from (("scaler", self.scaler), ("scorer", self.scorer), ("range_scorer", self.range_scorer),
+                    ("incidents", self.incidents), ("stuck", self.stuck))
         # Keyed by period so a config with other periods does not inherit the wrong baselines.
         for period, scorer in zip(self.settings.seasonal_periods, self.season_scorers):
             yield f"season_scorer.{period}", scorer
-        for name, peak in zip(("model", "seasonal"), self.peaks):
+        for name, peak in self.peaks.items():
             yield f"peak.{name}", peak
 
     def state_dict(self) -> tuple[dict, dict]:

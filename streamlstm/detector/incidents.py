@@ -26,6 +26,8 @@ class Incident:
     peak_timestamp: float = 0.0
     end: float | None = None
     readings: int = 0
+    evidence: str = ""  # the channel that opened it: model, seasonal, range or stuck
+    reason: str = ""  # why it closed: returned, accepted (a new normal) or gap (sensor reset)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

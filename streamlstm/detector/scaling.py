@@ -41,6 +41,12 @@ class RunningScaler:
     def inverse(self, slots, scaled, features=slice(None)):
         return scaled * self.std(slots)[:, features] + self.mean[slots][:, features]
 
+    def rebase(self, slots, values, count: float):
+        """Re-centre on `values` (a new normal was accepted), keeping the spread, and weigh
+        the past as `count` readings so the scale settles on the new level quickly."""
+        self.mean[slots] = values
+        self.count[slots] = np.minimum(self.count[slots], count)
+
     def update(self, slots, values, weight):
         first = self.count[slots] == 0
         # The very first reading sets the mean (a zero mean would make it a huge outlier).
@@ -76,6 +82,9 @@ class FixedScaler:
 
     def inverse(self, slots, scaled, features=slice(None)):
         return scaled * self.half + self.center
+
+    def rebase(self, slots, values, count: float):
+        pass
 
     def update(self, slots, values, weight):
         pass

@@ -54,7 +54,7 @@ def _z_for_tail(p):
 class LikelihoodScorer:
     """Anomaly likelihood of the smoothed residual under its recent distribution.
 
-    raw = |residual| (RMS over outputs, scaled units); m = EWMA of raw over ~short_window;
+    raw = |residual| (largest over outputs, scaled units); m = EWMA of raw over ~short_window;
     its mean and variance are tracked twice, over ~long_window and over ~long_window/10,
     and the smaller of each is used: while the model is still learning, residuals fall
     and the fast pair forgets that phase quickly; when an anomaly raises them, the slow
@@ -234,40 +234,50 @@ class DynamicScorer:
 
 
 class PeakReference:
-    """Surprise relative to the sensor's own recent peaks of surprise.
+    """Calibrates a channel's evidence to the sensor's own recent peaks of evidence.
 
-    A tail probability assumes the residual's recent distribution describes its tail;
-    for spiky or heavy-tailed sensors it does not, and their routine spikes reach
-    -log10 p of 10 or more. Each slot remembers the peak evidence of its past excursions
-    (a maximum that decays over ~`window` readings) and a reading keeps only the evidence
-    above that peak's excess over `floor`: L' = max(L - max(peak - floor, 0), 0). A quiet
-    sensor (peaks below `floor`) is scored as before; a spiky one must beat its own spikes.
-    Every reading updates the peak at once, so an excursion counts only while it keeps
-    surging (measured on NAB: long drifts of heavy-tailed sensors otherwise flood alerts).
-    Peaks are learnt only while `armed`.
+    A tail probability assumes the residual's recent distribution describes its tail; for
+    spiky or heavy-tailed sensors it does not, and their routine spikes reach -log10 p of 10
+    or more. For a calibrated channel the largest evidence among n readings is about
+    log10(n), the `floor`. Each slot remembers its peak evidence (a maximum that decays over
+    ~`window` readings) and new evidence keeps only what exceeds the peak's excess over the
+    floor: L' = max(L - max(peak - floor, 0), 0). A calibrated sensor is scored as before; a
+    spiky one must beat its own routine peaks, and a surprise far above them keeps the margin.
+    One excursion (a run of readings above the floor) can at most double the reference it
+    started from (`GROWTH`): a single huge event, a spike or a long shift, cannot teach the
+    sensor that huge events are routine, so the next one is not discounted away; a sensor
+    that really is that spiky gets there over a few excursions. Peaks are learnt only while
+    `armed`.
     """
 
-    STATE = ("peak",)
+    STATE = ("peak", "base")
+    GROWTH = 2.0
 
-    def __init__(self, window: int, floor: float):
+    def __init__(self, window: int):
         self.window = window
-        self.floor = floor
+        self.floor = math.log10(max(window, 10))
         self.peak = np.zeros(0)
+        self.base = np.zeros(0)  # the reference when the current excursion began
 
     def grow(self, n: int):
         extra = n - len(self.peak)
         if extra > 0:
             self.peak = np.concatenate([self.peak, np.zeros(extra)])
+            self.base = np.concatenate([self.base, np.zeros(extra)])
 
     def offset(self, slots):
-        """Evidence taken off each slot's readings now."""
+        """Evidence taken off each slot's readings now (0 for a calibrated sensor)."""
         return np.maximum(self.peak[slots] - self.floor, 0.0)
 
     def adjust(self, slots, log10p, armed):
         out = np.maximum(log10p - self.offset(slots), 0.0)
         peak = self.peak[slots]
         decayed = peak - np.maximum(peak, self.floor) / self.window
-        self.peak[slots] = np.where(armed, np.maximum(decayed, log10p), peak)
+        quiet = log10p <= self.floor
+        base = np.where(quiet, np.maximum(decayed, self.floor), np.maximum(self.base[slots], self.floor))
+        learnt = np.maximum(decayed, np.minimum(log10p, self.GROWTH * base))
+        self.peak[slots] = np.where(armed, learnt, peak)
+        self.base[slots] = np.where(armed, base, self.base[slots])
         return out
 
 

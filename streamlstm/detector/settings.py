@@ -7,6 +7,7 @@ import re
 SCALINGS = ("running", "fixed")
 SCORES = ("likelihood", "ksigma", "dynamic")
 PROTECTIONS = ("off", "skip", "damp")
+CHANNELS = ("model", "seasonal", "range", "stuck")  # evidence an event names as what fired
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])\s*$")
 
@@ -33,7 +34,7 @@ class DetectorSettings:
     long_window: int = 1000
     ksigma: float = 4.0
     min_residual_scale: float = 0.05
-    stuck_detection: bool = True
+    channels: tuple = CHANNELS
     min_duration: int = 1
     hysteresis: float = 0.9
     cooldown: int = 50
@@ -44,7 +45,7 @@ class DetectorSettings:
     seasonal_alpha: float = 0.2
     seasonal_max_bins: int = 2016
     peak_memory: int = 2000
-    peak_floor: float = 4.0
+    accept_after: int = 1000
 
     def __post_init__(self):
         if self.scaling not in SCALINGS:
@@ -60,6 +61,10 @@ class DetectorSettings:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("threshold must be in (0, 1)")
         object.__setattr__(self, "seasonal_periods", tuple(self.seasonal_periods or ()))
+        object.__setattr__(self, "channels", tuple(self.channels or ()))
+        unknown = set(self.channels) - set(CHANNELS)
+        if unknown:
+            raise ValueError(f"channels: unknown {sorted(unknown)}, expected some of {CHANNELS}")
         for p in self.seasonal_periods:
             parse_duration(p)
         if not 0.0 < self.seasonal_alpha <= 1.0:
