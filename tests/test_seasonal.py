@@ -90,7 +90,7 @@ def test_peak_reference_calibrates_a_sensor_by_its_own_recent_peaks():
     np.testing.assert_allclose(ref.adjust(slots, np.array([1.5, 20.0]), on), [1.5, 20.0])
     # One excursion may at most double the reference it began from: 2 -> 4, not 20.
     assert ref.peak[1] == pytest.approx(4.0)
-    np.testing.assert_allclose(ref.factor(slots), [1.0, 0.5])
+    np.testing.assert_allclose(ref.offset(slots), [0.0, 2.0])
     # Within the same excursion the cap stays at twice its starting reference.
     ref.adjust(slots, np.array([1.0, 30.0]), on)
     assert ref.peak[1] == pytest.approx(4.0)
@@ -98,20 +98,21 @@ def test_peak_reference_calibrates_a_sensor_by_its_own_recent_peaks():
     ref.adjust(slots, np.array([1.0, 1.0]), on)
     ref.adjust(slots, np.array([1.0, 30.0]), on)
     assert 7.5 < ref.peak[1] <= 8.0
-    # Evidence is scaled, not cut: a surprise far above the sensor's peaks keeps most of it.
+    # New evidence keeps what exceeds the peak's excess over the floor.
+    peak = ref.peak[1]
     out = ref.adjust(slots, np.array([1.0, 400.0]), on)
-    assert out[1] > 90.0
+    assert out[1] == pytest.approx(400.0 - (peak - 2.0))
     # The peak is forgotten over ~window readings.
     for _ in range(1000):
         ref.adjust(slots, np.zeros(2), on)
-    np.testing.assert_allclose(ref.factor(slots), [1.0, 1.0])
+    np.testing.assert_allclose(ref.offset(slots), [0.0, 0.0])
 
 
 def test_peak_reference_learns_nothing_before_warmup():
     ref = PeakReference(window=100)
     ref.grow(1)
     ref.adjust(np.array([0]), np.array([50.0]), np.array([False]))
-    assert ref.factor(np.array([0]))[0] == 1.0
+    assert ref.offset(np.array([0]))[0] == 0.0
 
 
 def test_durations_and_config_keys():

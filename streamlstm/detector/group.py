@@ -179,7 +179,7 @@ class GroupDetector:
         idx, slots, ts, values = idx[keep], slots[keep], ts[keep], values[keep]
         if len(idx) == 0:
             return
-        self._gap_resets(slots, ts, out)
+        self._gap_resets(slots, ts, values, out)
 
         z = self.scaler.transform(slots, values)
         t0 = time.perf_counter()
@@ -263,7 +263,9 @@ class GroupDetector:
         if self.seasonal is not None:
             for k, scorer in enumerate(self.season_scorers):
                 scorer.update(slots, season_smoothed[:, k], np.where(season_ok[:, k] & learn, weight, 0.0))
-            self.seasonal.update(slots, ts, values[:, self._outputs], self.interval[slots], np.where(learn, weight, 0.0))
+            # Nor does the profile learn an open incident: it would explain the anomaly away.
+            self.seasonal.update(slots, ts, values[:, self._outputs], self.interval[slots],
+                                 np.where(learn & ~is_anomaly, weight, 0.0))
 
         self.seen[slots] += 1
         dt = ts - self.last_ts[slots]
@@ -333,12 +335,19 @@ class GroupDetector:
         self.alert_peak[slots] = np.maximum(score, decayed)
         return alert
 
-    def _gap_resets(self, slots, ts, out):
+    def _gap_resets(self, slots, ts, values, out):
         n = self.settings.gap_reset_intervals
         if n <= 0:
             return
         dt = ts - self.last_ts[slots]
         gap = (self.seen[slots] >= 5) & (self.interval[slots] > 0) & (dt > n * self.interval[slots])
+        # A silence longer than the scale remembers (scaling_horizon readings) leaves a stale
+        # level: it re-centres on the sensor's first reading back, keeping the learnt spread,
+        # models and baselines (what a warm start from old history keeps).
+        stale = gap & (dt > self.settings.scaling_horizon * self.interval[slots])
+        if stale.any():
+            self.scaler.rebase(slots[stale], values[stale], self.settings.scaling_warmup)
+            self.range_scorer.reset(slots[stale])
         for k in np.flatnonzero(gap):
             slot = slots[k]
             out.resets.append((self.names[slot], "gap"))

@@ -79,8 +79,9 @@ class SeasonalProfiles:
             a = (1.0 - (1.0 - self.alpha) ** (1.0 / per_visit)) * weight[on]
             old = self.pool[r].astype(np.float64)
             v = values[on]
+            # An empty bin takes the first reading it may learn (weight 0: it stays empty).
             fresh = np.isnan(old)
-            new = np.where(fresh, v, old + a[:, None] * (v - old))
+            new = np.where(fresh, np.where(weight[on, None] > 0, v, np.nan), old + a[:, None] * (v - old))
             # Readings of one slot never repeat within a call (the caller steps in rounds).
             self.pool[r] = new.astype(np.float32)
         first = np.isnan(self.start[slots])
