@@ -230,6 +230,20 @@ def _check_field_path(p: str) -> Optional[str]:
     return None
 
 
+def _check_field_selector(p: str) -> Optional[str]:
+    return None if p == "*" else _check_field_path(p)
+
+
+def _check_timezone(name: str) -> Optional[str]:
+    import zoneinfo
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return ("is not an IANA time zone name (e.g. Europe/Berlin, America/New_York, UTC); "
+                "if it is one, the time zone database is missing: pip install tzdata")
+    return None
+
+
 # --------------------------------------------------------------------------- the schema
 
 @dataclass(frozen=True)
@@ -279,17 +293,64 @@ class MqttConfig:
 class InputConfig:
     topic: str = _str("sensors/{sensor}", "topic template; {sensor} (one level) or {sensor+} (last levels) is the sensor id",
                       required=True, check=_check_input_topic)
-    format: str = _choice("auto", ("auto", "number", "json", "batch"), "payload format")
+    format: str = _choice("auto", ("auto", "number", "json", "batch", "influx"), "payload format")
     value_fields: tuple[str, ...] = _f(("value",), _Spec("strlist", "JSON field paths (dotted) of the value(s); several = one vector reading",
                                                          check=_check_field_path))
     timestamp_field: Optional[str] = _str("ts", "JSON field of the timestamp (absent or null: arrival time)",
                                           nullable=True, check=_check_field_path)
-    timestamp_unit: str = _choice("s", ("s", "ms", "iso"), "unit of the timestamp field")
+    timestamp_unit: str = _choice("s", ("s", "ms", "us", "ns", "iso"), "unit of the timestamp field")
+    timestamp_tz: Optional[str] = _str(None, "IANA time zone of ISO timestamps without an offset (null: UTC)",
+                                       nullable=True, check=_check_timezone)
+    fields: tuple[str, ...] = _f((), _Spec(
+        "strlist", "each listed field (dotted path) becomes its own sensor; [\"*\"]: every numeric field "
+        "([] or null: off, value_fields make one reading)", nullable=True, check=_check_field_selector))
+    exclude_fields: tuple[str, ...] = _f((), _Spec(
+        "strlist", "with fields: [\"*\"], fields to leave out (globs over field paths)", nullable=True))
+    sensor_name: Optional[str] = _str(None, "sensor id template: {sensor}, {field}, {measurement}, {tag.NAME} "
+                                      "(null: {sensor}; with fields or influx {sensor}/{field})", nullable=True)
 
     @property
     def subscription(self) -> str:
         """The MQTT subscription filter for this input ({sensor} -> +, {sensor+} -> #)."""
         return subscription_filter(self.topic)
+
+    @property
+    def every_field(self) -> bool:
+        return self.fields == ("*",)
+
+    @property
+    def sensor_template(self) -> str:
+        """The sensor_name template in force (the default when unset)."""
+        from .sensor_names import default_sensor_name
+        return self.sensor_name or default_sensor_name(self.format, bool(self.fields))
+
+    @property
+    def width(self) -> int:
+        """Values per reading this input produces (a model group keeps one width)."""
+        if self.fields or self.format in ("influx", "number"):
+            return 1
+        return len(self.value_fields)
+
+    def _problems(self):
+        from .sensor_names import template_problem
+        has_fields = bool(self.fields)
+        if has_fields and self.format not in ("auto", "json", "influx"):
+            yield "fields", ("fields", "format"), f"needs format auto, json or influx, got {self.format!r}"
+        if has_fields and "*" in self.fields and len(self.fields) > 1:
+            yield "fields", ("fields",), "'*' (every numeric field) stands alone; list fields or write [\"*\"]"
+        if self.format == "influx" and self.timestamp_unit == "iso":
+            yield "timestamp_unit", ("timestamp_unit", "format"), \
+                "line protocol timestamps are integers: s, ms, us or ns (Telegraf's default precision: ns)"
+        if self.exclude_fields and not (self.every_field or (self.format == "influx" and not has_fields)):
+            yield "exclude_fields", ("exclude_fields", "fields"), 'needs fields: ["*"] (listed fields need no exclusions)'
+        if self.sensor_name is not None or has_fields or self.format == "influx":
+            problem = template_problem(self.sensor_template, self.format, has_fields)
+            if problem:
+                key = "sensor_name" if self.sensor_name is not None else "fields"
+                yield key, ("sensor_name", "fields", "format"), f"{problem} (sensor_name {self.sensor_template!r})"
+        if self.timestamp_tz is not None and self.timestamp_unit != "iso":
+            yield "timestamp_tz", ("timestamp_tz", "timestamp_unit"), \
+                f"applies to ISO timestamps only (timestamp_unit: iso), got timestamp_unit {self.timestamp_unit!r}"
 
 
 @dataclass(frozen=True)
