@@ -1147,6 +1147,10 @@ def _parse(raw, source: Optional[str]) -> Config:
     cfg = Config(**values)
     if not any(p.startswith(("inputs", "output")) for p, _ in errs.items):
         _check_topics(cfg, errs)
+    if not any(p.startswith(("inputs", "groups")) for p, _ in errs.items):
+        from .routing import check_routing
+        for path, reason in check_routing(cfg.inputs, cfg.groups):
+            errs.add(path, reason)
     if errs.items:
         # Groups are resolved last (they need model/detector); report in schema order anyway.
         order = {name: i for i, (name, _) in enumerate(_specs(Config))}

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import datetime
 import faulthandler
 import hashlib
 import json
@@ -129,7 +130,9 @@ def _replace_path(obj, keys, value):
 
 def input_specs(config) -> list:
     return [InputSpec(topic=i.topic, format=i.format, value_fields=i.value_fields, timestamp_field=i.timestamp_field,
-                      timestamp_unit=i.timestamp_unit, max_payload_bytes=config.mqtt.max_payload_bytes)
+                      timestamp_unit=i.timestamp_unit, max_payload_bytes=config.mqtt.max_payload_bytes,
+                      fields=i.fields, exclude_fields=i.exclude_fields, sensor_name=i.sensor_name,
+                      timestamp_tz=i.timestamp_tz)
             for i in config.inputs]
 
 
@@ -214,6 +217,16 @@ class ReadingQueue:
 
 
 # -------------------------------------------------------------------------------------- messages
+
+def format_time(ts) -> str:
+    """Epoch seconds as UTC ISO 8601 for log lines (e.g. 2026-11-30T11:00:00.250Z), raw if odd."""
+    try:
+        dt = datetime.datetime.fromtimestamp(float(ts), datetime.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return repr(ts)
+    text = dt.isoformat(timespec="milliseconds" if dt.microsecond else "seconds")
+    return text.replace("+00:00", "Z")
+
 
 def _num(x):
     x = float(x)
@@ -582,7 +595,9 @@ class Daemon:
             result = self.parser.parse(topic, payload)
         for reason, detail in result.rejected:
             self.metrics.rejected_payload(reason)
-            self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): %s", reason, detail)
+            # An offline Home Assistant entity is routine, not a malformed payload: counted, DEBUG.
+            level = logging.DEBUG if reason == "unavailable" else logging.WARNING
+            self.rlog.log(("rejected", reason), level, "rejected (%s): %s", reason, detail)
         readings = result.readings
         if readings:
             if token is None:
@@ -674,7 +689,8 @@ class Daemon:
             if self.mqtt.publish(topic, event_message(kind, incident), qos=out.events_qos,
                                  expiry_s=out.message_expiry_s or None):
                 self.metrics.events_published.inc()
-            log.info("%s: sensor %s (group %s) score %.4f", kind, incident.sensor, incident.group, incident.score)
+            log.info("%s: sensor %s (group %s) score %.4f at %s", kind, incident.sensor, incident.group,
+                     incident.score, format_time(incident.timestamp if kind == "anomaly" else incident.end))
         if out.state_topic is not None:
             self._publish_states(batch)
 
@@ -691,9 +707,17 @@ class Daemon:
             if reason == "sensor_cap":
                 self.rlog.log(("rejected", reason), logging.WARNING,
                               "rejected (sensor_cap): sensor %r: pipeline.max_sensors=%d reached", batch.sensors[i], cap)
+            elif reason == "wrong_arity":
+                group = self.detector.group_for(batch.sensors[i]).name
+                active = self.detector.active.get(group)
+                expected = active.spec.input_size if active is not None else "?"
+                self.rlog.log(("rejected", reason), logging.WARNING,
+                              "rejected (wrong_arity): sensor %r sent %d value(s) per reading, but the model of "
+                              "group %r takes %s (one width per group: give the inputs groups of their own)",
+                              batch.sensors[i], len(batch.values[i]), group, expected)
             else:
                 self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): sensor %r at %s",
-                              reason, batch.sensors[i], batch.timestamps[i])
+                              reason, batch.sensors[i], format_time(batch.timestamps[i]))
 
     def _publish_states(self, batch) -> None:
         out = self.config.output
