@@ -95,7 +95,9 @@ def _check_config(args) -> int:
         config = load_config(path)
         from .daemon import input_specs
         from .payload import PayloadParser
+        from .preflight import preflight
         PayloadParser(input_specs(config))
+        preflight(config)  # the files and directories `run` needs, as `run` checks them
     except ConfigError as exc:
         return _config_error(path, exc)
     except ValueError as exc:

@@ -466,7 +466,8 @@ class OutputConfig:
     message_expiry_s: int = _int(3600, "MQTT 5 message expiry of events (0: none)", min=0, max=0xFFFFFFFF)
     status_topic: str = _str("streamlstm/status", "retained online/offline, also the last will",
                              check=_check_plain_topic)
-    state_topic: Optional[str] = _str(None, "retained per-sensor state, e.g. streamlstm/state/{sensor} (null: off)",
+    state_topic: Optional[str] = _str(None, "retained per-sensor state, e.g. streamlstm/state/{sensor} (null: off, or derived from "
+                                      "status_topic when homeassistant.enabled)",
                                       nullable=True, check=_check_state_topic)
     homeassistant: HomeAssistantConfig = _section(HomeAssistantConfig, "Home Assistant discovery")
 
@@ -1124,8 +1125,10 @@ def _check_topics(cfg: Config, errs: _Errors) -> None:
         seen.setdefault(inp.topic, i)
     outputs = [("output.events_topic", cfg.output.events_topic),
                ("output.status_topic", cfg.output.status_topic)]
-    if cfg.output.state_topic is not None:
-        outputs.append(("output.state_topic", cfg.output.state_topic))
+    from .homeassistant import state_topic
+    state = state_topic(cfg.output)  # derived when Home Assistant discovery needs one
+    if state is not None:
+        outputs.append(("output.state_topic", state))
     if cfg.output.homeassistant.enabled:
         outputs.append(("output.homeassistant.discovery_prefix",
                         cfg.output.homeassistant.discovery_prefix + "/sensor/x/x/config"))

@@ -34,7 +34,6 @@ import concurrent.futures
 import dataclasses
 import datetime
 import faulthandler
-import hashlib
 import json
 import logging
 import math
@@ -50,11 +49,12 @@ import numpy as np
 
 from .checkpoint import CheckpointError, CheckpointStore, quarantine
 from .config import ConfigError, load_config
+from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
 from .payload import InputSpec, ParseResult, PayloadParser
 
 __all__ = [
     "CHECKPOINT_FORMAT", "Daemon", "ReadingQueue", "ReloadRefused", "checkpoint_meta", "configure_logging",
-    "event_message", "expand_paths", "package_version", "run", "state_message", "warm_kernels",
+    "event_message", "expand_paths", "format_time", "package_version", "run", "state_message", "warm_kernels",
 ]
 
 log = logging.getLogger("streamlstm")
@@ -281,35 +281,6 @@ def state_message(batch, i: int, width: int) -> bytes:
     }, allow_nan=False, separators=(",", ":")).encode()
 
 
-def _object_id(text: str) -> str:
-    # Home Assistant ids: [a-zA-Z0-9_-]; the hash keeps "a.b" and "a_b" apart.
-    clean = re.sub(r"[^A-Za-z0-9_-]", "_", text)[:64]
-    return f"{clean}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-
-def discovery_message(config, sensor: str, group: str) -> tuple[str, bytes]:
-    """(topic, retained payload) announcing a sensor's anomaly flag as an HA binary_sensor."""
-    out = config.output
-    node = _object_id(config.mqtt.client_id)
-    obj = _object_id(sensor)
-    topic = f"{out.homeassistant.discovery_prefix}/binary_sensor/{node}/{obj}/config"
-    payload = {
-        "name": f"{sensor} anomaly",
-        "unique_id": f"{node}_{obj}",
-        "object_id": f"streamlstm_{obj}",
-        "device_class": "problem",
-        "state_topic": out.state_topic.replace("{sensor}", sensor),
-        "value_template": "{{ 'ON' if value_json.anomaly else 'OFF' }}",
-        "json_attributes_topic": out.state_topic.replace("{sensor}", sensor),
-        "availability_topic": out.status_topic,
-        "payload_available": "online",
-        "payload_not_available": "offline",
-        "device": {"identifiers": [f"streamlstm_{node}"], "name": f"streamlstm {config.mqtt.client_id}",
-                   "model": f"streamlstm group {group}", "sw_version": package_version()},
-    }
-    return topic, json.dumps(payload, separators=(",", ":")).encode()
-
-
 # ------------------------------------------------------------------------------------ checkpoints
 
 def model_shapes(config) -> dict:
@@ -485,7 +456,10 @@ class Daemon:
         self._ckpt_future: Optional[concurrent.futures.Future] = None
         self._last_ckpt_unix: Optional[float] = None
         self._state_sent: dict = {}  # sensor -> (monotonic time, anomaly flag) of the last state message
-        self._announced: set = set()  # sensors with a Home Assistant discovery message
+        # Sensors announced to Home Assistant (re-announced on reconnect and HA's birth message, from
+        # paho's network thread, while the worker adds new ones): guarded by _announce_lock.
+        self._announced: set = set()
+        self._announce_lock = threading.Lock()
         self._worker: Optional[threading.Thread] = None
         self._counts = (0, 0)  # (sensors, active groups), written by the worker for status lines
         self._backend_name = "unknown"
@@ -520,12 +494,11 @@ class Daemon:
         self.metrics.track_queue(lambda: len(self.queue), self.queue.capacity)
         self.metrics.track_checkpoint_age(self._checkpoint_age)
         # Before anything slow: secrets and TLS files are checked here (ConfigError -> exit 2).
-        self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self.parser.subscriptions, self._on_message,
+        self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self._subscriptions(self.parser), self._on_message,
                            metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
-                           log_interval_s=cfg.logging.rejected_log_interval_s)
+                           log_interval_s=cfg.logging.rejected_log_interval_s, on_connected=self._on_connected)
         if cfg.output.homeassistant.enabled and cfg.output.state_topic is None:
-            log.warning("output.homeassistant.enabled needs output.state_topic (the binary_sensor's state): "
-                        "no discovery messages will be published")
+            log.info("Home Assistant discovery: per-sensor state on %s", state_topic(cfg.output))
         if m.enabled:
             self.metrics_server = serve(m, self.registry)
             log.info("metrics on %s", self.metrics_server.url)
@@ -542,6 +515,10 @@ class Daemon:
             log.info("no usable checkpoint in %s: starting with fresh models", self.store.directory)
         self._sync_sensor_gauges()
         self._backend_name = backend_name
+        if cfg.output.homeassistant.enabled:
+            # Restored sensors keep their entities: announced again on connect.
+            with self._announce_lock:
+                self._announced.update(n for g in self.detector.active.values() for n in g.names)
 
     def _checkpoint_age(self) -> Optional[float]:
         last = self._last_ckpt_unix
@@ -588,7 +565,42 @@ class Daemon:
 
     # --- network thread ---------------------------------------------------------------------
 
+    def _subscriptions(self, parser) -> tuple:
+        subs = parser.subscriptions
+        if self.config.output.homeassistant.enabled:
+            subs = subs + (birth_topic(self.config.output),)
+        return subs
+
+    def _on_connected(self) -> None:
+        """Network thread, after each (re)connect: a broker without persistence lost our retained
+        discovery messages."""
+        self._announce_all("connected")
+
+    def _announce_all(self, why: str) -> None:
+        if not self.config.output.homeassistant.enabled:
+            return
+        with self._announce_lock:
+            sensors = sorted(self._announced)
+        for sensor in sensors:
+            self._announce(sensor)
+        if sensors:
+            log.info("Home Assistant discovery (%s): %d sensors announced", why, len(sensors))
+
+    def _announce(self, sensor: str) -> bool:
+        ok = True
+        for topic, payload in discovery_messages(self.config, sensor, package_version()):
+            ok = self.mqtt.publish(topic, payload, qos=1, retain=True) and ok
+        return ok
+
     def _on_message(self, topic, payload, token) -> None:
+        if (topic is not None and self.config.output.homeassistant.enabled
+                and topic == birth_topic(self.config.output)):
+            # Home Assistant (re)started: it forgot the entities, announce them again.
+            if bytes(payload).strip() == BIRTH_ONLINE:
+                self._announce_all("Home Assistant birth message")
+            if token is not None:
+                self.queue.put([(None, token)])  # acked in turn: PUBACKs keep the arrival order
+            return
         if topic is None:
             result = ParseResult([], [("unknown_topic", "topic is not UTF-8")])
         else:
@@ -691,7 +703,7 @@ class Daemon:
                 self.metrics.events_published.inc()
             log.info("%s: sensor %s (group %s) score %.4f at %s", kind, incident.sensor, incident.group,
                      incident.score, format_time(incident.timestamp if kind == "anomaly" else incident.end))
-        if out.state_topic is not None:
+        if state_topic(out) is not None:
             self._publish_states(batch)
 
     def _sync_sensor_gauges(self) -> None:
@@ -722,6 +734,7 @@ class Daemon:
     def _publish_states(self, batch) -> None:
         out = self.config.output
         announce = out.homeassistant.enabled
+        topic = state_topic(out)
         latest = {}
         for i, reason in enumerate(batch.reason):
             if not reason:
@@ -732,12 +745,11 @@ class Daemon:
             sent = self._state_sent.get(sensor)
             if sent is not None and now - sent[0] < STATE_MIN_INTERVAL_S and sent[1] == flag:
                 continue
-            if announce and sensor not in self._announced:
-                topic, payload = discovery_message(self.config, sensor, batch.groups[i])
-                if self.mqtt.publish(topic, payload, qos=1, retain=True):
+            if announce and sensor not in self._announced and self._announce(sensor):
+                with self._announce_lock:
                     self._announced.add(sensor)
             width = self.detector.active[batch.groups[i]].spec.output_size
-            if self.mqtt.publish(out.state_topic.replace("{sensor}", sensor), state_message(batch, i, width),
+            if self.mqtt.publish(topic.replace("{sensor}", sensor), state_message(batch, i, width),
                                  qos=1, retain=True):
                 self._state_sent[sensor] = (now, flag)
 
@@ -818,7 +830,7 @@ class Daemon:
             self.notifier.ready(self._status_text())
             return
         self.parser = parser  # one reference swap: the network thread picks it up with the next message
-        self.mqtt.set_subscriptions(parser.subscriptions)
+        self.mqtt.set_subscriptions(self._subscriptions(parser))
         self.rlog.interval_s = float(new.logging.rejected_log_interval_s)
         logging.getLogger().setLevel(new.logging.level)
         log.info("reload: configuration %s applied (thresholds: %s)", self.config_path,
@@ -902,7 +914,8 @@ def run(config_path: str) -> int:
     faulthandler.enable()  # SIGABRT from the systemd watchdog dumps every thread's stack
     configure_logging("INFO")
     try:
-        config = expand_paths(load_config(config_path))
+        from .preflight import preflight
+        config = preflight(load_config(config_path))  # the same checks as `check-config`
     except ConfigError as exc:
         print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
