@@ -100,14 +100,13 @@ def _parse_line(number: int, line: str):
     sections = _split_unescaped(line, " ", quotes=True)
     sections = [s for s in sections if s != ""]  # runs of spaces between sections
     if len(sections) < 2:
-        return LineError(number, f"expected {SYNTAX}; got no field set in {line[:60]!r}")
+        return LineError(number, f"no field set in {line[:60]!r}")
     if len(sections) > 3:
-        return LineError(number, f"expected {SYNTAX}; got {len(sections)} space-separated parts "
-                                 "(unescaped spaces?)")
+        return LineError(number, f"{len(sections)} space-separated parts (unescaped spaces?)")
     head = _split_unescaped(sections[0], ",")
     measurement = _unescape(head[0])
     if not measurement:
-        return LineError(number, f"expected {SYNTAX}; the measurement is empty")
+        return LineError(number, "the measurement is empty")
     tags = {}
     for tag in head[1:]:
         kv = _split_unescaped(tag, "=")

@@ -921,11 +921,15 @@ class PayloadParser:
         except UnicodeDecodeError:
             raise _Reject("bad_line_protocol", f"{sensor}: not UTF-8 text; expected InfluxDB line "
                                                f"protocol: {_INFLUX_SYNTAX}") from None
+        if text.lstrip()[:1] in ("{", "["):
+            raise _Reject("bad_line_protocol", f"{sensor}: JSON on a format: influx input; expected InfluxDB "
+                                               f"line protocol: {_INFLUX_SYNTAX}")
         now = self._clock()
         readings, rejected = [], []
         for line in parse_lines(text):
             if isinstance(line, LineError):
-                rejected.append(("bad_line_protocol", f"{sensor}: line {line.number}: {line.problem}"))
+                rejected.append(("bad_line_protocol", f"{sensor}: line {line.number}: {line.problem} "
+                                                      f"(expected {_INFLUX_SYNTAX})"))
                 continue
             missing = c.namer.missing_tag(line.tags)
             if missing is not None:
