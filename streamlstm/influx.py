@@ -97,6 +97,13 @@ def _field_value(raw: str):
 
 
 def _parse_line(number: int, line: str):
+    try:
+        return _parse_line_sections(number, line)
+    except ValueError as exc:  # unbalanced quotes
+        return LineError(number, str(exc))
+
+
+def _parse_line_sections(number: int, line: str):
     sections = _split_unescaped(line, " ", quotes=True)
     sections = [s for s in sections if s != ""]  # runs of spaces between sections
     if len(sections) < 2:
