@@ -506,6 +506,7 @@ class CheckpointConfig:
 class LoggingConfig:
     level: str = _choice("INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), "log level")
     rejected_log_interval_s: float = _float(10.0, "at most one log line per rejection reason per interval", min=0)
+    json: bool = _bool(False, "one JSON object per log line instead of text (under systemd both get journald priority prefixes)")
 
 
 def _default_groups() -> tuple[GroupConfig, ...]:
@@ -942,7 +943,7 @@ def _convert_strlist(spec: _Spec, v, path: str, errs: _Errors):
         errs.add(path, f"expected {_expected(spec)}, got {got}")
         return False, None
     out, ok = [], True
-    item_spec = dataclasses.replace(spec, kind="str")
+    item_spec = dataclasses.replace(spec, kind="str", nullable=False)  # [null] is no list of strings
     for i, item in enumerate(v):
         good, val = _convert(item_spec, item)
         if not good:

@@ -65,6 +65,7 @@ DRAIN_TIMEOUT_S = 60.0        # SIGTERM: longest drain before the final checkpoi
 IDLE_WAKE_S = 0.5             # worker wakes at least this often (watchdog, checkpoints, reloads)
 STATE_MIN_INTERVAL_S = 1.0    # per-sensor state topic: at most one message per second unless the flag flips
 STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
+STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py)
 RELOAD_TIMEOUT_S = 120.0
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -290,10 +291,12 @@ def model_shapes(config) -> dict:
             for g in config.groups}
 
 
-def checkpoint_meta(config, detector_meta: dict) -> dict:
+def checkpoint_meta(config, detector_meta: dict, last_scores: Optional[dict] = None) -> dict:
+    # last_scores: for `streamlstm status` while the daemon is down (the detector keeps no scores).
     return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
             "streamlstm_version": package_version(), "saved_at": time.time(),
-            "config_shape": model_shapes(config), "detector": detector_meta}
+            "config_shape": model_shapes(config), "detector": detector_meta,
+            "last_scores": {k: (v if math.isfinite(v) else None) for k, v in (last_scores or {}).items()}}
 
 
 RESTORED, FRESH, MOVED_ASIDE = "restored", "fresh", "moved aside"
@@ -379,16 +382,17 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
 
 # ----------------------------------------------------------------------------------------- logging
 
-def configure_logging(level: str = "INFO") -> None:
-    """Log lines to stderr; under systemd (journald adds time stamps) without our own."""
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log lines to stderr (logfmt.py: text or JSON; journald priority prefixes under systemd)."""
+    from .logfmt import make_formatter
+
     root = logging.getLogger()
-    if not any(getattr(h, "_streamlstm", False) for h in root.handlers):
+    handler = next((h for h in root.handlers if getattr(h, "_streamlstm", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
-            else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        handler.setFormatter(logging.Formatter(fmt))
         handler._streamlstm = True
         root.addHandler(handler)
+    handler.setFormatter(make_formatter(fmt))
     root.setLevel(level)
 
 
@@ -464,6 +468,7 @@ class Daemon:
         self._counts = (0, 0)  # (sensors, active groups), written by the worker for status lines
         self._backend_name = "unknown"
         self.processed = 0
+        self._last_scores: dict = {}  # sensor -> score of its last accepted reading (worker only)
 
     # --- signals (main thread) -------------------------------------------------------------
 
@@ -640,6 +645,7 @@ class Daemon:
         last_ping = -math.inf
         next_ckpt = time.monotonic() + self.config.checkpoint.interval_s
         next_status = time.monotonic() + STATUS_EVERY_S
+        next_status_file = time.monotonic()
         drain_deadline = None
         while True:
             req = self._reload
@@ -659,6 +665,9 @@ class Daemon:
             if now >= next_ckpt:
                 self._checkpoint_async()
                 next_ckpt = now + self.config.checkpoint.interval_s
+            if now >= next_status_file and not self.queue.closed:
+                self._status_file_async()
+                next_status_file = now + STATUS_FILE_EVERY_S
             if now >= next_status and not self.queue.closed:
                 self.notifier.status(f"{self._status_text()}, queue {len(self.queue)}/{self.queue.capacity}")
                 next_status = now + STATUS_EVERY_S
@@ -692,6 +701,10 @@ class Daemon:
         step = {name: g.kernel_seconds - before.get(name, 0.0) for name, g in det.active.items()
                 if name in batch.losses}
         self.processed += len(readings)
+        scores = self._last_scores
+        for i, reason in enumerate(batch.reason):
+            if not reason:
+                scores[batch.sensors[i]] = float(batch.score[i])
         self.metrics.observe_batch(batch, step)
         self._sync_sensor_gauges()
         self._log_rejections(batch)
@@ -757,7 +770,26 @@ class Daemon:
 
     def _snapshot(self):
         arrays, meta = self.detector.state_dict()  # copies: the worker may go on at once
-        return arrays, checkpoint_meta(self.config, meta)
+        return arrays, checkpoint_meta(self.config, meta, dict(self._last_scores))
+
+    def _status_file_async(self) -> None:
+        """Worker: rows for `streamlstm status`, written by the checkpoint thread."""
+        from .status import detector_rows
+
+        try:
+            rows = detector_rows(self.detector, self._last_scores)
+        except Exception as exc:  # noqa: BLE001 - status is a convenience, never fatal
+            log.debug("status rows failed: %s", exc)
+            return
+        self._ckpt_pool.submit(self._write_status, rows)
+
+    def _write_status(self, rows) -> None:
+        from .status import write_status
+
+        try:
+            write_status(self.store.directory, rows)
+        except (OSError, ValueError) as exc:
+            self.rlog.log("status-file", logging.WARNING, "cannot write %s/status.json: %s", self.store.directory, exc)
 
     def _save(self, arrays, meta) -> bool:
         t0 = time.perf_counter()
@@ -832,7 +864,7 @@ class Daemon:
         self.parser = parser  # one reference swap: the network thread picks it up with the next message
         self.mqtt.set_subscriptions(self._subscriptions(parser))
         self.rlog.interval_s = float(new.logging.rejected_log_interval_s)
-        logging.getLogger().setLevel(new.logging.level)
+        configure_logging(new.logging.level, "json" if new.logging.json else "text")
         log.info("reload: configuration %s applied (thresholds: %s)", self.config_path,
                  ", ".join(f"{g.name}={g.detector.threshold}" for g in new.groups))
         self.notifier.ready(self._status_text())
@@ -894,6 +926,11 @@ class Daemon:
             if self.final_checkpoint():
                 log.info("final checkpoint written to %s", self.store.path)
         self._ckpt_pool.shutdown(wait=True)
+        from .status import remove_status
+        try:
+            remove_status(self.store.directory)  # `status` reads the checkpoint from now on
+        except OSError as exc:
+            log.warning("cannot remove the status file: %s", exc)
         self.mqtt.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -919,7 +956,7 @@ def run(config_path: str) -> int:
     except ConfigError as exc:
         print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, "json" if config.logging.json else "text")
     try:
         daemon = Daemon(config, config_path)
     except ValueError as exc:  # inputs the parser refuses although the schema accepted them
