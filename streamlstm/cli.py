@@ -107,12 +107,15 @@ def _check_config(args) -> int:
         from .payload import PayloadParser
         from .preflight import preflight
         PayloadParser(input_specs(config))
-        preflight(config)  # the files and directories `run` needs, as `run` checks them
+        notes: list = []
+        preflight(config, notes=notes)  # the files and directories `run` needs, as `run` checks them
     except ConfigError as exc:
         return _config_error(path, exc)
     except ValueError as exc:
         return _config_error(path, ConfigError("inputs", str(exc)))
     groups = ", ".join(f"{g.name} ({g.match})" for g in config.groups)
+    for note in notes:
+        print(f"note: {note}")
     print(f"OK: {path}: groups {groups}")
     return EXIT_OK
 

@@ -740,9 +740,20 @@ class Daemon:
                               "rejected (wrong_arity): sensor %r sent %d value(s) per reading, but the model of "
                               "group %r takes %s (one width per group: give the inputs groups of their own)",
                               batch.sensors[i], len(batch.values[i]), group, expected)
+            elif reason in ("out_of_order", "duplicate_timestamp"):
+                # Both times, readable: a device stamping local time as UTC shows up here at once.
+                self.rlog.log(("rejected", reason), logging.WARNING,
+                              "rejected (%s): sensor %r reading at %s, its last accepted reading is at %s",
+                              reason, batch.sensors[i], format_time(batch.timestamps[i]),
+                              format_time(self._last_time(batch.sensors[i])))
             else:
                 self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): sensor %r at %s",
                               reason, batch.sensors[i], format_time(batch.timestamps[i]))
+
+    def _last_time(self, sensor: str) -> float:
+        g = self.detector.active.get(self.detector.group_for(sensor).name)
+        slot = None if g is None else g.sensors.get(sensor)
+        return float("nan") if slot is None else float(g.last_ts[slot])
 
     def _publish_states(self, batch) -> None:
         out = self.config.output

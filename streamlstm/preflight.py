@@ -20,11 +20,30 @@ from .config import ConfigError, read_secret
 __all__ = ["preflight"]
 
 
-def preflight(config):
-    """The config with `$VAR` paths expanded; ConfigError listing every problem (key paths)."""
-    from .daemon import expand_paths
+CREDENTIALS = "CREDENTIALS_DIRECTORY"
 
-    config = expand_paths(config)  # an unset variable is a ConfigError of its own
+
+def preflight(config, env=None, *, notes=None):
+    """The config with `$VAR` paths expanded (as checked); ConfigError listing every problem.
+
+    `notes` (a list, from check-config): files under ``$CREDENTIALS_DIRECTORY`` while it is
+    unset are skipped with a note instead of an error, because systemd sets it only for the
+    service (LoadCredential=); `run` passes none and refuses them, as it always did.
+    """
+    from .daemon import PATH_KEYS, _replace_path, expand_paths
+
+    env = os.environ if env is None else env
+    checked = config
+    if notes is not None and CREDENTIALS not in env:
+        for keys in PATH_KEYS:
+            value = config
+            for k in keys:
+                value = getattr(value, k)
+            if isinstance(value, str) and CREDENTIALS in value:
+                notes.append(f"{'.'.join(keys)}: not checked: ${CREDENTIALS} is set by systemd "
+                             f"(LoadCredential=) only when the service starts")
+                checked = _replace_path(checked, keys, None)
+    checked = expand_paths(checked, env)  # an unset variable is a ConfigError of its own
     errors: list = []
 
     def attempt(fn, *args):
@@ -33,23 +52,23 @@ def preflight(config):
         except ConfigError as exc:
             errors.extend(exc.errors)
 
-    mqtt = config.mqtt
+    mqtt = checked.mqtt
     if mqtt.username is not None and mqtt.password_file is not None:
         from .mqtt_io import read_password
         attempt(read_password, mqtt.password_file, "mqtt.password_file")
     if mqtt.tls.enabled:
         attempt(_check_mqtt_tls, mqtt.tls)
-    m = config.metrics
+    m = checked.metrics
     if m.enabled:
         if m.basic_auth_password_file is not None:
             attempt(read_secret, m.basic_auth_password_file, "metrics.basic_auth_password_file")
         if m.tls_cert_file is not None:
             from .metrics import _ssl_context
             attempt(_ssl_context, m)
-    attempt(_check_directory, config.checkpoint.directory, "checkpoint.directory")
+    attempt(_check_directory, checked.checkpoint.directory, "checkpoint.directory")
     if errors:
         raise ConfigError("", errors=errors)
-    return config
+    return checked
 
 
 def _check_mqtt_tls(tls) -> None:

@@ -264,3 +264,19 @@ def test_check_config_checks_the_files_run_needs_and_run_agrees(mosquitto, tmp_p
     r = cli("check-config", str(bad))
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_check_config_leaves_systemd_credentials_to_the_service(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"mqtt": {"username": "u", "password_file": "${CREDENTIALS_DIRECTORY}/mqtt-password"},
+                                   "checkpoint": {"directory": str(tmp_path / "state")}}))
+    r = cli("check-config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("note: mqtt.password_file: not checked: $CREDENTIALS_DIRECTORY is set by systemd")
+    # With the variable set (as under systemd) the file is checked, and run refuses it likewise.
+    env_dir = tmp_path / "creds"
+    env_dir.mkdir()
+    r = subprocess.run([sys.executable, "-m", "streamlstm", "check-config", str(cfg)], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, CREDENTIALS_DIRECTORY=str(env_dir),
+                                             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 2 and "mqtt.password_file: cannot read secret file" in r.stderr

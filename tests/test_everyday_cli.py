@@ -61,8 +61,9 @@ def test_status_from_the_running_daemon_then_the_checkpoint_and_journald_json_lo
     items += [("sensors/fan1", json.dumps(calm[:100]))]
     items += [("sensors/pump1", json.dumps({"value": 80.0, "ts": T0 + n}))]  # a spike: opens an incident
     items += [("sensors/fan1", b"abc")] * 3  # one log line, two held back
+    items += [("sensors/fan1", json.dumps({"value": 0.0, "ts": T0 + 5}))]  # out of order
     publish(mosquitto, items)
-    d.wait_handled(n + 1 + 100 + 3, 60)
+    d.wait_handled(n + 1 + 100 + 3 + 1, 60)
 
     def running_status():
         r = cli("status", "-c", str(d.config_path), "--json", cwd=tmp_path)
@@ -96,6 +97,9 @@ def test_status_from_the_running_daemon_then_the_checkpoint_and_journald_json_lo
     warnings = [rec["message"] for p, rec in records if p == 4]
     assert any(m.startswith("rejected (not_a_number): fan1") for m in warnings)
     assert "rejected (not_a_number): 2 similar messages suppressed" in warnings  # words, not a tuple
+    # Times in log lines are readable, and out_of_order says what it was compared with.
+    assert ("rejected (out_of_order): sensor 'fan1' reading at 2023-11-14T22:13:25Z, its last accepted "
+            "reading is at 2023-11-14T22:14:59Z") in warnings
 
 
 def test_status_without_daemon_or_checkpoint_says_so(tmp_path):
