@@ -120,52 +120,53 @@ def _inside(a, b) -> bool:
     return not (ca & cb) if pa else cb <= ca
 
 
-def intersects(p: Pattern, q: Pattern) -> bool:
-    """Whether some string matches both patterns."""
-    a, b = p.tokens, q.tokens
+def _search(a: tuple, b: tuple, moves) -> bool:
+    """Whether both token sequences can be used up together: state (len a, len b) reachable
+    from (0, 0), where `moves(ta, tb, i, j)` yields the next states (ta/tb None at the end)."""
     seen = set()
     stack = [(0, 0)]
     while stack:
-        i, j = stack.pop()
-        if (i, j) in seen:
+        state = stack.pop()
+        if state in seen:
             continue
-        seen.add((i, j))
+        seen.add(state)
+        i, j = state
         if i == len(a) and j == len(b):
             return True
-        ta = a[i] if i < len(a) else None
-        tb = b[j] if j < len(b) else None
-        if ta is not None and ta.many:
-            stack.append((i + 1, j))
-        if tb is not None and tb.many:
-            stack.append((i, j + 1))
-        if ta is None or tb is None or (ta.many and tb.many):
-            continue  # consuming with both repeating makes no progress; skips cover it
-        if _meet(ta.cs, tb.cs):
-            stack.append((i if ta.many else i + 1, j if tb.many else j + 1))
+        stack.extend(moves(a[i] if i < len(a) else None, b[j] if j < len(b) else None, i, j))
     return False
+
+
+def _meet_moves(ta, tb, i, j):
+    if ta is not None and ta.many:
+        yield i + 1, j
+    if tb is not None and tb.many:
+        yield i, j + 1
+    if ta is None or tb is None or (ta.many and tb.many):
+        return  # consuming with both repeating makes no progress; the skips above cover it
+    if _meet(ta.cs, tb.cs):
+        yield (i if ta.many else i + 1), (j if tb.many else j + 1)
+
+
+def _inside_moves(ta, tb, i, j):
+    # A repeating glob token absorbs any run of pattern tokens inside its set; a single one
+    # absorbs exactly one single pattern token.
+    if tb is not None and tb.many:
+        yield i, j + 1
+        if ta is not None and _inside(ta.cs, tb.cs):
+            yield i + 1, j
+    elif ta is not None and tb is not None and not ta.many and _inside(ta.cs, tb.cs):
+        yield i + 1, j + 1
+
+
+def intersects(p: Pattern, q: Pattern) -> bool:
+    """Whether some string matches both patterns (exact)."""
+    return _search(p.tokens, q.tokens, _meet_moves)
 
 
 def contained(p: Pattern, g: Pattern) -> bool:
     """Sound test that every string of p matches g (False when unsure)."""
-    a, b = p.tokens, g.tokens
-    seen = set()
-    stack = [(0, 0)]
-    while stack:
-        i, j = stack.pop()
-        if (i, j) in seen:
-            continue
-        seen.add((i, j))
-        if i == len(a) and j == len(b):
-            return True
-        tb = b[j] if j < len(b) else None
-        ta = a[i] if i < len(a) else None
-        if tb is not None and tb.many:
-            stack.append((i, j + 1))
-            if ta is not None and _inside(ta.cs, tb.cs):
-                stack.append((i + 1, j))
-        elif ta is not None and tb is not None and not ta.many and _inside(ta.cs, tb.cs):
-            stack.append((i + 1, j + 1))
-    return False
+    return _search(p.tokens, g.tokens, _inside_moves)
 
 
 def input_patterns(inp) -> list:

@@ -38,11 +38,11 @@ def detector_rows(detector, last_scores: dict) -> list:
         for sensor, slot in g.sensors.items():
             inc = g.open.get(slot)
             rows.append(_row(sensor, name, g.last_ts[slot], g.seen[slot], last_scores.get(sensor),
-                             None if inc is None else dataclass_incident(inc)))
+                             None if inc is None else _incident(inc)))
     return rows
 
 
-def dataclass_incident(inc) -> dict:
+def _incident(inc) -> dict:
     return {"start": _num(inc.start), "score": _num(inc.score), "peak_score": _num(inc.peak_score)}
 
 
