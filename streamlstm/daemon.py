@@ -65,7 +65,8 @@ DRAIN_TIMEOUT_S = 60.0        # SIGTERM: longest drain before the final checkpoi
 IDLE_WAKE_S = 0.5             # worker wakes at least this often (watchdog, checkpoints, reloads)
 STATE_MIN_INTERVAL_S = 1.0    # per-sensor state topic: at most one message per second unless the flag flips
 STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
-STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py)
+STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py) ...
+STATUS_FILE_SENSORS_PER_S = 2000  # ... but less often with many sensors (100k: every 50 s)
 RELOAD_TIMEOUT_S = 120.0
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -667,7 +668,7 @@ class Daemon:
                 next_ckpt = now + self.config.checkpoint.interval_s
             if now >= next_status_file and not self.queue.closed:
                 self._status_file_async()
-                next_status_file = now + STATUS_FILE_EVERY_S
+                next_status_file = now + max(STATUS_FILE_EVERY_S, self._counts[0] / STATUS_FILE_SENSORS_PER_S)
             if now >= next_status and not self.queue.closed:
                 self.notifier.status(f"{self._status_text()}, queue {len(self.queue)}/{self.queue.capacity}")
                 next_status = now + STATUS_EVERY_S

@@ -75,8 +75,16 @@ def write_status(directory, rows: list, pid: Optional[int] = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     doc = {"pid": os.getpid() if pid is None else pid, "written_at": time.time(), "sensors": rows}
     tmp = directory / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps(doc, allow_nan=False, separators=(",", ":")))
-    os.replace(tmp, directory / STATUS_FILE)
+    try:
+        tmp.write_text(json.dumps(doc, allow_nan=False, separators=(",", ":")))
+        os.replace(tmp, directory / STATUS_FILE)
+    except BaseException:
+        # A full disk must not leave a partial temporary file behind (nor a partial status).
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
 
 
 def remove_status(directory) -> None:
