@@ -353,7 +353,7 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
     from .detector.detector import Detector, _Reading
 
     b = config.backend
-    widths = sorted({len(i.value_fields) for i in config.inputs} | {1})
+    widths = sorted({i.width for i in config.inputs} | {1})  # fields / influx inputs: one value each
     timings = {}
     for group in _glob_free(config):
         t0 = time.perf_counter()
