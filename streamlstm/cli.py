@@ -1,4 +1,4 @@
-"""Command line: ``streamlstm run | check-config | warmup | replay | evaluate | fit | demo``.
+"""Command line: ``streamlstm run | check-config | status | warmup | replay | evaluate | fit | demo``.
 
 Exit status 2 means a configuration problem (the systemd unit does not restart on it); the
 message names the key path and no traceback is printed.
@@ -17,7 +17,10 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .daemon import package_version
+
     p = argparse.ArgumentParser(prog="streamlstm", description="Online LSTM anomaly detection for MQTT sensor streams.")
+    p.add_argument("--version", action="version", version=f"streamlstm {package_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -27,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a configuration file (prints OK or the problems)")
     c.add_argument("file", nargs="?", metavar="FILE")
     c.add_argument("-c", "--config", metavar="FILE", help="same as FILE")
+
+    st = sub.add_parser("status", help="sensors, groups, last readings and scores, open incidents "
+                                       "(from the running daemon, else its checkpoint)")
+    st.add_argument("-c", "--config", required=True, metavar="FILE", help="the daemon's YAML configuration")
+    st.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     w = sub.add_parser("warmup", help="compile every kernel the configured models need into Numba's cache")
     w.add_argument("-c", "--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
@@ -83,6 +91,8 @@ def main(argv=None) -> int:
             return run(args.config)
         if cmd == "check-config":
             return _check_config(args)
+        if cmd == "status":
+            return _status(args)
         if cmd == "warmup":
             return _warmup(args)
         if cmd == "replay":
@@ -109,13 +119,41 @@ def _check_config(args) -> int:
         config = load_config(path)
         from .daemon import input_specs
         from .payload import PayloadParser
+        from .preflight import preflight
         PayloadParser(input_specs(config))
+        notes: list = []
+        preflight(config, notes=notes)  # the files and directories `run` needs, as `run` checks them
     except ConfigError as exc:
         return _config_error(path, exc)
     except ValueError as exc:
         return _config_error(path, ConfigError("inputs", str(exc)))
     groups = ", ".join(f"{g.name} ({g.match})" for g in config.groups)
+    for note in notes:
+        print(f"note: {note}")
     print(f"OK: {path}: groups {groups}")
+    return EXIT_OK
+
+
+def _status(args) -> int:
+    import json
+
+    from .daemon import expand_paths
+    from .status import format_status, read_status
+
+    config = expand_paths(load_config(args.config))
+    try:
+        source, rows = read_status(config.checkpoint.directory)
+    except FileNotFoundError:
+        print(f"streamlstm status: no running daemon and no checkpoint in {config.checkpoint.directory} "
+              "(has the daemon run with this configuration?)", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - unreadable checkpoint: say so, no traceback
+        print(f"streamlstm status: cannot read {config.checkpoint.directory}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps({"source": source, "sensors": rows}, indent=1))
+    else:
+        print(format_status(source, rows))
     return EXIT_OK
 
 

@@ -234,6 +234,20 @@ def _check_field_path(p: str) -> Optional[str]:
     return None
 
 
+def _check_field_selector(p: str) -> Optional[str]:
+    return None if p == "*" else _check_field_path(p)
+
+
+def _check_timezone(name: str) -> Optional[str]:
+    import zoneinfo
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return ("is not an IANA time zone name (e.g. Europe/Berlin, America/New_York, UTC); "
+                "if it is one, the time zone database is missing: pip install tzdata")
+    return None
+
+
 # --------------------------------------------------------------------------- the schema
 
 @dataclass(frozen=True)
@@ -283,17 +297,64 @@ class MqttConfig:
 class InputConfig:
     topic: str = _str("sensors/{sensor}", "topic template; {sensor} (one level) or {sensor+} (last levels) is the sensor id",
                       required=True, check=_check_input_topic)
-    format: str = _choice("auto", ("auto", "number", "json", "batch"), "payload format")
+    format: str = _choice("auto", ("auto", "number", "json", "batch", "influx"), "payload format")
     value_fields: tuple[str, ...] = _f(("value",), _Spec("strlist", "JSON field paths (dotted) of the value(s); several = one vector reading",
                                                          check=_check_field_path))
     timestamp_field: Optional[str] = _str("ts", "JSON field of the timestamp (absent or null: arrival time)",
                                           nullable=True, check=_check_field_path)
-    timestamp_unit: str = _choice("s", ("s", "ms", "iso"), "unit of the timestamp field")
+    timestamp_unit: str = _choice("s", ("s", "ms", "us", "ns", "iso"), "unit of the timestamp field")
+    timestamp_tz: Optional[str] = _str(None, "IANA time zone of ISO timestamps without an offset (null: UTC)",
+                                       nullable=True, check=_check_timezone)
+    fields: tuple[str, ...] = _f((), _Spec(
+        "strlist", "each listed field (dotted path) becomes its own sensor; [\"*\"]: every numeric field "
+        "([] or null: off, value_fields make one reading)", nullable=True, check=_check_field_selector))
+    exclude_fields: tuple[str, ...] = _f((), _Spec(
+        "strlist", "with fields: [\"*\"], fields to leave out (globs over field paths)", nullable=True))
+    sensor_name: Optional[str] = _str(None, "sensor id template: {sensor}, {field}, {measurement}, {tag.NAME} "
+                                      "(null: {sensor}; with fields or influx {sensor}/{field})", nullable=True)
 
     @property
     def subscription(self) -> str:
         """The MQTT subscription filter for this input ({sensor} -> +, {sensor+} -> #)."""
         return subscription_filter(self.topic)
+
+    @property
+    def every_field(self) -> bool:
+        return self.fields == ("*",)
+
+    @property
+    def sensor_template(self) -> str:
+        """The sensor_name template in force (the default when unset)."""
+        from .sensor_names import default_sensor_name
+        return self.sensor_name or default_sensor_name(self.format, bool(self.fields))
+
+    @property
+    def width(self) -> int:
+        """Values per reading this input produces (a model group keeps one width)."""
+        if self.fields or self.format in ("influx", "number"):
+            return 1
+        return len(self.value_fields)
+
+    def _problems(self):
+        from .sensor_names import template_problem
+        has_fields = bool(self.fields)
+        if has_fields and self.format not in ("auto", "json", "influx"):
+            yield "fields", ("fields", "format"), f"needs format auto, json or influx, got {self.format!r}"
+        if has_fields and "*" in self.fields and len(self.fields) > 1:
+            yield "fields", ("fields",), "'*' (every numeric field) stands alone; list fields or write [\"*\"]"
+        if self.format == "influx" and self.timestamp_unit == "iso":
+            yield "timestamp_unit", ("timestamp_unit", "format"), \
+                "line protocol timestamps are integers: s, ms, us or ns (Telegraf's default precision: ns)"
+        if self.exclude_fields and not (self.every_field or (self.format == "influx" and not has_fields)):
+            yield "exclude_fields", ("exclude_fields", "fields"), 'needs fields: ["*"] (listed fields need no exclusions)'
+        if self.sensor_name is not None or has_fields or self.format == "influx":
+            problem = template_problem(self.sensor_template, self.format, has_fields)
+            if problem:
+                key = "sensor_name" if self.sensor_name is not None else "fields"
+                yield key, ("sensor_name", "fields", "format"), f"{problem} (sensor_name {self.sensor_template!r})"
+        if self.timestamp_tz is not None and self.timestamp_unit != "iso":
+            yield "timestamp_tz", ("timestamp_tz", "timestamp_unit"), \
+                f"applies to ISO timestamps only (timestamp_unit: iso), got timestamp_unit {self.timestamp_unit!r}"
 
 
 @dataclass(frozen=True)
@@ -413,7 +474,8 @@ class OutputConfig:
     message_expiry_s: int = _int(3600, "MQTT 5 message expiry of events (0: none)", min=0, max=0xFFFFFFFF)
     status_topic: str = _str("streamlstm/status", "retained online/offline, also the last will",
                              check=_check_plain_topic)
-    state_topic: Optional[str] = _str(None, "retained per-sensor state, e.g. streamlstm/state/{sensor} (null: off)",
+    state_topic: Optional[str] = _str(None, "retained per-sensor state, e.g. streamlstm/state/{sensor} (null: off, or derived from "
+                                      "status_topic when homeassistant.enabled)",
                                       nullable=True, check=_check_state_topic)
     homeassistant: HomeAssistantConfig = _section(HomeAssistantConfig, "Home Assistant discovery")
 
@@ -452,6 +514,7 @@ class CheckpointConfig:
 class LoggingConfig:
     level: str = _choice("INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), "log level")
     rejected_log_interval_s: float = _float(10.0, "at most one log line per rejection reason per interval", min=0)
+    json: bool = _bool(False, "one JSON object per log line instead of text (under systemd both get journald priority prefixes)")
 
 
 def _default_groups() -> tuple[GroupConfig, ...]:
@@ -888,7 +951,7 @@ def _convert_strlist(spec: _Spec, v, path: str, errs: _Errors):
         errs.add(path, f"expected {_expected(spec)}, got {got}")
         return False, None
     out, ok = [], True
-    item_spec = dataclasses.replace(spec, kind="str")
+    item_spec = dataclasses.replace(spec, kind="str", nullable=False)  # [null] is no list of strings
     for i, item in enumerate(v):
         good, val = _convert(item_spec, item)
         if not good:
@@ -1071,8 +1134,10 @@ def _check_topics(cfg: Config, errs: _Errors) -> None:
         seen.setdefault(inp.topic, i)
     outputs = [("output.events_topic", cfg.output.events_topic),
                ("output.status_topic", cfg.output.status_topic)]
-    if cfg.output.state_topic is not None:
-        outputs.append(("output.state_topic", cfg.output.state_topic))
+    from .homeassistant import state_topic
+    state = state_topic(cfg.output)  # derived when Home Assistant discovery needs one
+    if state is not None:
+        outputs.append(("output.state_topic", state))
     if cfg.output.homeassistant.enabled:
         outputs.append(("output.homeassistant.discovery_prefix",
                         cfg.output.homeassistant.discovery_prefix + "/sensor/x/x/config"))
@@ -1094,6 +1159,10 @@ def _parse(raw, source: Optional[str]) -> Config:
     cfg = Config(**values)
     if not any(p.startswith(("inputs", "output")) for p, _ in errs.items):
         _check_topics(cfg, errs)
+    if not any(p.startswith(("inputs", "groups")) for p, _ in errs.items):
+        from .routing import check_routing
+        for path, reason in check_routing(cfg.inputs, cfg.groups):
+            errs.add(path, reason)
     if errs.items:
         # Groups are resolved last (they need model/detector); report in schema order anyway.
         order = {name: i for i, (name, _) in enumerate(_specs(Config))}

@@ -32,8 +32,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import datetime
 import faulthandler
-import hashlib
 import json
 import logging
 import math
@@ -49,11 +49,12 @@ import numpy as np
 
 from .checkpoint import CheckpointError, CheckpointStore, quarantine
 from .config import ConfigError, load_config
+from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
 from .payload import InputSpec, ParseResult, PayloadParser
 
 __all__ = [
     "CHECKPOINT_FORMAT", "Daemon", "ReadingQueue", "ReloadRefused", "checkpoint_meta", "configure_logging",
-    "event_message", "expand_paths", "package_version", "run", "state_message", "warm_kernels",
+    "event_message", "expand_paths", "format_time", "package_version", "run", "state_message", "warm_kernels",
 ]
 
 log = logging.getLogger("streamlstm")
@@ -64,6 +65,8 @@ DRAIN_TIMEOUT_S = 60.0        # SIGTERM: longest drain before the final checkpoi
 IDLE_WAKE_S = 0.5             # worker wakes at least this often (watchdog, checkpoints, reloads)
 STATE_MIN_INTERVAL_S = 1.0    # per-sensor state topic: at most one message per second unless the flag flips
 STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
+STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py) ...
+STATUS_FILE_SENSORS_PER_S = 2000  # ... but less often with many sensors (100k: every 50 s)
 RELOAD_TIMEOUT_S = 120.0
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -129,7 +132,9 @@ def _replace_path(obj, keys, value):
 
 def input_specs(config) -> list:
     return [InputSpec(topic=i.topic, format=i.format, value_fields=i.value_fields, timestamp_field=i.timestamp_field,
-                      timestamp_unit=i.timestamp_unit, max_payload_bytes=config.mqtt.max_payload_bytes)
+                      timestamp_unit=i.timestamp_unit, max_payload_bytes=config.mqtt.max_payload_bytes,
+                      fields=i.fields, exclude_fields=i.exclude_fields, sensor_name=i.sensor_name,
+                      timestamp_tz=i.timestamp_tz)
             for i in config.inputs]
 
 
@@ -215,6 +220,16 @@ class ReadingQueue:
 
 # -------------------------------------------------------------------------------------- messages
 
+def format_time(ts) -> str:
+    """Epoch seconds as UTC ISO 8601 for log lines (e.g. 2026-11-30T11:00:00.250Z), raw if odd."""
+    try:
+        dt = datetime.datetime.fromtimestamp(float(ts), datetime.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return repr(ts)
+    text = dt.isoformat(timespec="milliseconds" if dt.microsecond else "seconds")
+    return text.replace("+00:00", "Z")
+
+
 def _num(x):
     x = float(x)
     return x if math.isfinite(x) else None
@@ -270,35 +285,6 @@ def state_message(batch, i: int, width: int) -> bytes:
     }, allow_nan=False, separators=(",", ":")).encode()
 
 
-def _object_id(text: str) -> str:
-    # Home Assistant ids: [a-zA-Z0-9_-]; the hash keeps "a.b" and "a_b" apart.
-    clean = re.sub(r"[^A-Za-z0-9_-]", "_", text)[:64]
-    return f"{clean}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-
-def discovery_message(config, sensor: str, group: str) -> tuple[str, bytes]:
-    """(topic, retained payload) announcing a sensor's anomaly flag as an HA binary_sensor."""
-    out = config.output
-    node = _object_id(config.mqtt.client_id)
-    obj = _object_id(sensor)
-    topic = f"{out.homeassistant.discovery_prefix}/binary_sensor/{node}/{obj}/config"
-    payload = {
-        "name": f"{sensor} anomaly",
-        "unique_id": f"{node}_{obj}",
-        "object_id": f"streamlstm_{obj}",
-        "device_class": "problem",
-        "state_topic": out.state_topic.replace("{sensor}", sensor),
-        "value_template": "{{ 'ON' if value_json.anomaly else 'OFF' }}",
-        "json_attributes_topic": out.state_topic.replace("{sensor}", sensor),
-        "availability_topic": out.status_topic,
-        "payload_available": "online",
-        "payload_not_available": "offline",
-        "device": {"identifiers": [f"streamlstm_{node}"], "name": f"streamlstm {config.mqtt.client_id}",
-                   "model": f"streamlstm group {group}", "sw_version": package_version()},
-    }
-    return topic, json.dumps(payload, separators=(",", ":")).encode()
-
-
 # ------------------------------------------------------------------------------------ checkpoints
 
 def model_shapes(config) -> dict:
@@ -308,10 +294,12 @@ def model_shapes(config) -> dict:
             for g in config.groups}
 
 
-def checkpoint_meta(config, detector_meta: dict) -> dict:
+def checkpoint_meta(config, detector_meta: dict, last_scores: Optional[dict] = None) -> dict:
+    # last_scores: for `streamlstm status` while the daemon is down (the detector keeps no scores).
     return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
             "streamlstm_version": package_version(), "saved_at": time.time(),
-            "config_shape": model_shapes(config), "detector": detector_meta}
+            "config_shape": model_shapes(config), "detector": detector_meta,
+            "last_scores": {k: (v if math.isfinite(v) else None) for k, v in (last_scores or {}).items()}}
 
 
 RESTORED, FRESH, MOVED_ASIDE = "restored", "fresh", "moved aside"
@@ -367,7 +355,7 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
     from .detector.detector import Detector, _Reading
 
     b = config.backend
-    widths = sorted({len(i.value_fields) for i in config.inputs} | {1})
+    widths = sorted({i.width for i in config.inputs} | {1})  # fields / influx inputs: one value each
     timings = {}
     for group in _glob_free(config):
         t0 = time.perf_counter()
@@ -397,16 +385,17 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
 
 # ----------------------------------------------------------------------------------------- logging
 
-def configure_logging(level: str = "INFO") -> None:
-    """Log lines to stderr; under systemd (journald adds time stamps) without our own."""
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log lines to stderr (logfmt.py: text or JSON; journald priority prefixes under systemd)."""
+    from .logfmt import make_formatter
+
     root = logging.getLogger()
-    if not any(getattr(h, "_streamlstm", False) for h in root.handlers):
+    handler = next((h for h in root.handlers if getattr(h, "_streamlstm", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
-            else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        handler.setFormatter(logging.Formatter(fmt))
         handler._streamlstm = True
         root.addHandler(handler)
+    handler.setFormatter(make_formatter(fmt))
     root.setLevel(level)
 
 
@@ -474,11 +463,15 @@ class Daemon:
         self._ckpt_future: Optional[concurrent.futures.Future] = None
         self._last_ckpt_unix: Optional[float] = None
         self._state_sent: dict = {}  # sensor -> (monotonic time, anomaly flag) of the last state message
-        self._announced: set = set()  # sensors with a Home Assistant discovery message
+        # Sensors announced to Home Assistant (re-announced on reconnect and HA's birth message, from
+        # paho's network thread, while the worker adds new ones): guarded by _announce_lock.
+        self._announced: set = set()
+        self._announce_lock = threading.Lock()
         self._worker: Optional[threading.Thread] = None
         self._counts = (0, 0)  # (sensors, active groups), written by the worker for status lines
         self._backend_name = "unknown"
         self.processed = 0
+        self._last_scores: dict = {}  # sensor -> score of its last accepted reading (worker only)
 
     # --- signals (main thread) -------------------------------------------------------------
 
@@ -509,12 +502,11 @@ class Daemon:
         self.metrics.track_queue(lambda: len(self.queue), self.queue.capacity)
         self.metrics.track_checkpoint_age(self._checkpoint_age)
         # Before anything slow: secrets and TLS files are checked here (ConfigError -> exit 2).
-        self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self.parser.subscriptions, self._on_message,
+        self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self._subscriptions(self.parser), self._on_message,
                            metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
-                           log_interval_s=cfg.logging.rejected_log_interval_s)
+                           log_interval_s=cfg.logging.rejected_log_interval_s, on_connected=self._on_connected)
         if cfg.output.homeassistant.enabled and cfg.output.state_topic is None:
-            log.warning("output.homeassistant.enabled needs output.state_topic (the binary_sensor's state): "
-                        "no discovery messages will be published")
+            log.info("Home Assistant discovery: per-sensor state on %s", state_topic(cfg.output))
         if m.enabled:
             self.metrics_server = serve(m, self.registry)
             log.info("metrics on %s", self.metrics_server.url)
@@ -531,6 +523,10 @@ class Daemon:
             log.info("no usable checkpoint in %s: starting with fresh models", self.store.directory)
         self._sync_sensor_gauges()
         self._backend_name = backend_name
+        if cfg.output.homeassistant.enabled:
+            # Restored sensors keep their entities: announced again on connect.
+            with self._announce_lock:
+                self._announced.update(n for g in self.detector.active.values() for n in g.names)
 
     def _checkpoint_age(self) -> Optional[float]:
         last = self._last_ckpt_unix
@@ -577,14 +573,51 @@ class Daemon:
 
     # --- network thread ---------------------------------------------------------------------
 
+    def _subscriptions(self, parser) -> tuple:
+        subs = parser.subscriptions
+        if self.config.output.homeassistant.enabled:
+            subs = subs + (birth_topic(self.config.output),)
+        return subs
+
+    def _on_connected(self) -> None:
+        """Network thread, after each (re)connect: a broker without persistence lost our retained
+        discovery messages."""
+        self._announce_all("connected")
+
+    def _announce_all(self, why: str) -> None:
+        if not self.config.output.homeassistant.enabled:
+            return
+        with self._announce_lock:
+            sensors = sorted(self._announced)
+        for sensor in sensors:
+            self._announce(sensor)
+        if sensors:
+            log.info("Home Assistant discovery (%s): %d sensors announced", why, len(sensors))
+
+    def _announce(self, sensor: str) -> bool:
+        ok = True
+        for topic, payload in discovery_messages(self.config, sensor, package_version()):
+            ok = self.mqtt.publish(topic, payload, qos=1, retain=True) and ok
+        return ok
+
     def _on_message(self, topic, payload, token) -> None:
+        if (topic is not None and self.config.output.homeassistant.enabled
+                and topic == birth_topic(self.config.output)):
+            # Home Assistant (re)started: it forgot the entities, announce them again.
+            if bytes(payload).strip() == BIRTH_ONLINE:
+                self._announce_all("Home Assistant birth message")
+            if token is not None:
+                self.queue.put([(None, token)])  # acked in turn: PUBACKs keep the arrival order
+            return
         if topic is None:
             result = ParseResult([], [("unknown_topic", "topic is not UTF-8")])
         else:
             result = self.parser.parse(topic, payload)
         for reason, detail in result.rejected:
             self.metrics.rejected_payload(reason)
-            self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): %s", reason, detail)
+            # An offline Home Assistant entity is routine, not a malformed payload: counted, DEBUG.
+            level = logging.DEBUG if reason == "unavailable" else logging.WARNING
+            self.rlog.log(("rejected", reason), level, "rejected (%s): %s", reason, detail)
         readings = result.readings
         if readings:
             if token is None:
@@ -615,6 +648,7 @@ class Daemon:
         last_ping = -math.inf
         next_ckpt = time.monotonic() + self.config.checkpoint.interval_s
         next_status = time.monotonic() + STATUS_EVERY_S
+        next_status_file = time.monotonic()
         drain_deadline = None
         while True:
             req = self._reload
@@ -634,6 +668,9 @@ class Daemon:
             if now >= next_ckpt:
                 self._checkpoint_async()
                 next_ckpt = now + self.config.checkpoint.interval_s
+            if now >= next_status_file and not self.queue.closed:
+                self._status_file_async()
+                next_status_file = now + max(STATUS_FILE_EVERY_S, self._counts[0] / STATUS_FILE_SENSORS_PER_S)
             if now >= next_status and not self.queue.closed:
                 self.notifier.status(f"{self._status_text()}, queue {len(self.queue)}/{self.queue.capacity}")
                 next_status = now + STATUS_EVERY_S
@@ -667,6 +704,10 @@ class Daemon:
         step = {name: g.kernel_seconds - before.get(name, 0.0) for name, g in det.active.items()
                 if name in batch.losses}
         self.processed += len(readings)
+        scores = self._last_scores
+        for i, reason in enumerate(batch.reason):
+            if not reason:
+                scores[batch.sensors[i]] = float(batch.score[i])
         self.metrics.observe_batch(batch, step)
         self._sync_sensor_gauges()
         self._log_rejections(batch)
@@ -676,8 +717,9 @@ class Daemon:
             if self.mqtt.publish(topic, event_message(kind, incident), qos=out.events_qos,
                                  expiry_s=out.message_expiry_s or None):
                 self.metrics.events_published.inc()
-            log.info("%s: sensor %s (group %s) score %.4f", kind, incident.sensor, incident.group, incident.score)
-        if out.state_topic is not None:
+            log.info("%s: sensor %s (group %s) score %.4f at %s", kind, incident.sensor, incident.group,
+                     incident.score, format_time(incident.timestamp if kind == "anomaly" else incident.end))
+        if state_topic(out) is not None:
             self._publish_states(batch)
 
     def _sync_sensor_gauges(self) -> None:
@@ -693,13 +735,33 @@ class Daemon:
             if reason == "sensor_cap":
                 self.rlog.log(("rejected", reason), logging.WARNING,
                               "rejected (sensor_cap): sensor %r: pipeline.max_sensors=%d reached", batch.sensors[i], cap)
+            elif reason == "wrong_arity":
+                group = self.detector.group_for(batch.sensors[i]).name
+                active = self.detector.active.get(group)
+                expected = active.spec.input_size if active is not None else "?"
+                self.rlog.log(("rejected", reason), logging.WARNING,
+                              "rejected (wrong_arity): sensor %r sent %d value(s) per reading, but the model of "
+                              "group %r takes %s (one width per group: give the inputs groups of their own)",
+                              batch.sensors[i], len(batch.values[i]), group, expected)
+            elif reason in ("out_of_order", "duplicate_timestamp"):
+                # Both times, readable: a device stamping local time as UTC shows up here at once.
+                self.rlog.log(("rejected", reason), logging.WARNING,
+                              "rejected (%s): sensor %r reading at %s, its last accepted reading is at %s",
+                              reason, batch.sensors[i], format_time(batch.timestamps[i]),
+                              format_time(self._last_time(batch.sensors[i])))
             else:
                 self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): sensor %r at %s",
-                              reason, batch.sensors[i], batch.timestamps[i])
+                              reason, batch.sensors[i], format_time(batch.timestamps[i]))
+
+    def _last_time(self, sensor: str) -> float:
+        g = self.detector.active.get(self.detector.group_for(sensor).name)
+        slot = None if g is None else g.sensors.get(sensor)
+        return float("nan") if slot is None else float(g.last_ts[slot])
 
     def _publish_states(self, batch) -> None:
         out = self.config.output
         announce = out.homeassistant.enabled
+        topic = state_topic(out)
         latest = {}
         for i, reason in enumerate(batch.reason):
             if not reason:
@@ -710,12 +772,11 @@ class Daemon:
             sent = self._state_sent.get(sensor)
             if sent is not None and now - sent[0] < STATE_MIN_INTERVAL_S and sent[1] == flag:
                 continue
-            if announce and sensor not in self._announced:
-                topic, payload = discovery_message(self.config, sensor, batch.groups[i])
-                if self.mqtt.publish(topic, payload, qos=1, retain=True):
+            if announce and sensor not in self._announced and self._announce(sensor):
+                with self._announce_lock:
                     self._announced.add(sensor)
             width = self.detector.active[batch.groups[i]].spec.output_size
-            if self.mqtt.publish(out.state_topic.replace("{sensor}", sensor), state_message(batch, i, width),
+            if self.mqtt.publish(topic.replace("{sensor}", sensor), state_message(batch, i, width),
                                  qos=1, retain=True):
                 self._state_sent[sensor] = (now, flag)
 
@@ -723,7 +784,26 @@ class Daemon:
 
     def _snapshot(self):
         arrays, meta = self.detector.state_dict()  # copies: the worker may go on at once
-        return arrays, checkpoint_meta(self.config, meta)
+        return arrays, checkpoint_meta(self.config, meta, dict(self._last_scores))
+
+    def _status_file_async(self) -> None:
+        """Worker: rows for `streamlstm status`, written by the checkpoint thread."""
+        from .status import detector_rows
+
+        try:
+            rows = detector_rows(self.detector, self._last_scores)
+        except Exception as exc:  # noqa: BLE001 - status is a convenience, never fatal
+            log.debug("status rows failed: %s", exc)
+            return
+        self._ckpt_pool.submit(self._write_status, rows)
+
+    def _write_status(self, rows) -> None:
+        from .status import write_status
+
+        try:
+            write_status(self.store.directory, rows)
+        except (OSError, ValueError) as exc:
+            self.rlog.log("status-file", logging.WARNING, "cannot write %s/status.json: %s", self.store.directory, exc)
 
     def _save(self, arrays, meta) -> bool:
         t0 = time.perf_counter()
@@ -796,9 +876,9 @@ class Daemon:
             self.notifier.ready(self._status_text())
             return
         self.parser = parser  # one reference swap: the network thread picks it up with the next message
-        self.mqtt.set_subscriptions(parser.subscriptions)
+        self.mqtt.set_subscriptions(self._subscriptions(parser))
         self.rlog.interval_s = float(new.logging.rejected_log_interval_s)
-        logging.getLogger().setLevel(new.logging.level)
+        configure_logging(new.logging.level, "json" if new.logging.json else "text")
         log.info("reload: configuration %s applied (thresholds: %s)", self.config_path,
                  ", ".join(f"{g.name}={g.detector.threshold}" for g in new.groups))
         self.notifier.ready(self._status_text())
@@ -860,6 +940,11 @@ class Daemon:
             if self.final_checkpoint():
                 log.info("final checkpoint written to %s", self.store.path)
         self._ckpt_pool.shutdown(wait=True)
+        from .status import remove_status
+        try:
+            remove_status(self.store.directory)  # `status` reads the checkpoint from now on
+        except OSError as exc:
+            log.warning("cannot remove the status file: %s", exc)
         self.mqtt.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -880,11 +965,12 @@ def run(config_path: str) -> int:
     faulthandler.enable()  # SIGABRT from the systemd watchdog dumps every thread's stack
     configure_logging("INFO")
     try:
-        config = expand_paths(load_config(config_path))
+        from .preflight import preflight
+        config = preflight(load_config(config_path))  # the same checks as `check-config`
     except ConfigError as exc:
         print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, "json" if config.logging.json else "text")
     try:
         daemon = Daemon(config, config_path)
     except ValueError as exc:  # inputs the parser refuses although the schema accepted them

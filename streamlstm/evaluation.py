@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from . import nab
-from .replay import read_series, replay_series
+from .replay import Progress, read_series, replay_series
 
 CHANGEPOINT_WINDOW_S = 60.0  # SKAB's change-point leaderboard: 60 s right of each change point
 
@@ -105,10 +105,18 @@ def run_jobs(config, jobs: list[Job], processes: int = 0, warm=None) -> list[Fil
     """Replay each job with a fresh detector (or a copy of the warm-start state)."""
     work = [(config, job, warm) for job in jobs]
     workers = processes or min(len(work), os.cpu_count() or 1)
+    progress = Progress(len(work), "evaluate: files replayed")
+    runs = []
     if workers > 1:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(_run_one, work))
-    return [_run_one(w) for w in work]
+            for run in pool.map(_run_one, work):
+                runs.append(run)
+                progress.update(len(runs))
+        return runs
+    for w in work:
+        runs.append(_run_one(w))
+        progress.update(len(runs))
+    return runs
 
 
 def labelled_jobs(root, labels: dict) -> list[Job]:

@@ -87,13 +87,16 @@ class MqttIO:
 
     def __init__(self, cfg, status_topic: str, subscriptions: Iterable[str],
                  on_message: Callable[[str, bytes, Optional[AckToken]], None], *, metrics=None,
-                 receive_maximum: int = 65535, log_interval_s: float = 10.0):
+                 receive_maximum: int = 65535, log_interval_s: float = 10.0,
+                 on_connected: Optional[Callable[[], None]] = None):
         """`cfg`: the config's `MqttConfig` (file paths already expanded). `on_message(topic,
         payload, token)` runs in paho's network thread; token is None for QoS 0 messages and
-        topic None for a topic that is not UTF-8."""
+        topic None for a topic that is not UTF-8. `on_connected()` runs in the network thread after
+        every successful (re)connect, once the status is published."""
         self.cfg = cfg
         self.status_topic = status_topic
         self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
         self.metrics = metrics
         self.v5 = cfg.protocol == "5"
         self._rlog = RateLimitedLogger(log, log_interval_s)
@@ -313,6 +316,8 @@ class MqttIO:
                 # before the SUBACK, so do not hold READY behind it (we still resubscribe).
                 self._subscribed.set()
             self.publish(self.status_topic, ONLINE, qos=1, retain=True)
+            if self._on_connected_cb is not None:
+                self._on_connected_cb()
         except Exception:  # noqa: BLE001
             self._callback_error("connect")
 

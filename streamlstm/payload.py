@@ -14,10 +14,16 @@ Payload shapes (``format``):
   reading) and an optional timestamp field, a bare JSON number, or an array of numbers (vector).
 * ``batch``: an array of objects (each may name its sensor in ``sensor``, else the topic's
   sensor), or an object mapping sensor id -> number, number list (vector) or reading object.
+* ``influx``: InfluxDB line protocol (Telegraf's MQTT output), see influx.py; every numeric
+  field of every line is a sensor named by ``sensor_name`` (``{measurement}``, ``{tag.NAME}``).
 * ``auto``: text that is not a JSON object/array is read as ``number``; an array holding an
   object is a batch, an array of numbers a vector; an object is one reading. Sensor maps need
   ``format: batch``: in auto, ``{"temperature": 21.5}`` from a device whose value field is
   misconfigured would otherwise silently become sensor "temperature" for every device.
+
+With ``fields`` (formats auto/json) each selected field of a JSON object is a sensor of its own
+(fields.py); ``sensor_name`` (sensor_names.py) names the sensors of any input. Home Assistant's
+``unavailable`` / ``unknown`` states are rejected as ``unavailable``, not ``not_a_number``.
 
 JSON numbers only: strings, bools and nulls at a value field are ``not_a_number``. orjson is used
 when importable; the stdlib path is tuned to give the same results (see `_json_loader`).
@@ -28,7 +34,12 @@ import dataclasses
 import datetime
 import re
 import time
+import zoneinfo
 from typing import Callable, NamedTuple
+
+from .fields import MISSING as _FIELD_MISSING, FieldSelector
+from .influx import SYNTAX as _INFLUX_SYNTAX, LineError, parse_lines
+from .sensor_names import SensorName, default_sensor_name, template_problem
 
 __all__ = [
     "REASONS",
@@ -42,10 +53,11 @@ __all__ = [
 # The parser's subset of the rejection reasons in docs/design.md.
 REASONS = frozenset({
     "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic",
-    "too_large", "bad_timestamp", "wrong_arity",
+    "too_large", "bad_timestamp", "wrong_arity", "unavailable", "bad_line_protocol",
 })
-FORMATS = ("auto", "number", "json", "batch")
-TIMESTAMP_UNITS = ("s", "ms", "iso")
+FORMATS = ("auto", "number", "json", "batch", "influx")
+TIMESTAMP_UNITS = ("s", "ms", "us", "ns", "iso")
+_UNIT_DIVISOR = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
 BATCH_SENSOR_FIELD = "sensor"
 MAX_BATCH_READINGS = 100_000
 # Real sensor payloads are a few levels deep. The bound keeps the stdlib decoder clear of
@@ -259,6 +271,10 @@ class InputSpec:
     timestamp_field: str | None = "ts"  # None, or absent in a payload: arrival time
     timestamp_unit: str = "s"
     max_payload_bytes: int = 1_048_576
+    fields: tuple = ()  # each a sensor of its own; ("*",): every numeric field
+    exclude_fields: tuple = ()
+    sensor_name: str | None = None  # None: sensor_names.default_sensor_name
+    timestamp_tz: str | None = None  # IANA zone of naive ISO timestamps; None: UTC
     template: TopicTemplate = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -294,10 +310,41 @@ class InputSpec:
                              f"integer, got {mpb!r}")
         object.__setattr__(self, "value_fields", fields)
         object.__setattr__(self, "template", template)
+        self._check_multi()
+
+    def _check_multi(self):
+        """fields / sensor_name / timestamp_tz (config.py reports the same with key paths)."""
+        what = f"input {self.topic!r}"
+        fields = tuple(self.fields or ())
+        exclude = tuple(self.exclude_fields or ())
+        for f in fields:
+            if f != "*":
+                _split_path(f, f"{what}: fields")
+        if fields and self.format not in ("auto", "json", "influx"):
+            raise ValueError(f"{what}: fields need format auto, json or influx, got {self.format!r}")
+        if "*" in fields and len(fields) > 1:
+            raise ValueError(f"{what}: fields: '*' stands alone")
+        if self.format == "influx" and self.timestamp_unit == "iso":
+            raise ValueError(f"{what}: line protocol timestamps are integers (s, ms, us or ns)")
+        problem = template_problem(self.sensor_template, self.format, bool(fields))
+        if problem:
+            raise ValueError(f"{what}: sensor_name {self.sensor_template!r}: {problem}")
+        if self.timestamp_tz is not None:
+            try:
+                zoneinfo.ZoneInfo(self.timestamp_tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+                raise ValueError(f"{what}: timestamp_tz {self.timestamp_tz!r} is not a known IANA "
+                                 "time zone") from None
+        object.__setattr__(self, "fields", fields)
+        object.__setattr__(self, "exclude_fields", exclude)
+
+    @property
+    def sensor_template(self) -> str:
+        return self.sensor_name or default_sensor_name(self.format, bool(self.fields))
 
     @property
     def arity(self) -> int:
-        return len(self.value_fields)
+        return 1 if self.fields or self.format == "influx" else len(self.value_fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +500,18 @@ def _plain_number(data: bytes, sensor: str):
                       f"{sensor}: {_short(text[:100].decode('ascii'))} overflows a float")
     if _PLAIN_NON_FINITE.fullmatch(text) is not None:
         raise _Reject("non_finite", f"{sensor}: {text.decode('ascii')}")
+    _check_unavailable(text, sensor)
     raise _Reject("not_a_number", f"{sensor}: payload {_short(text[:100])}")
+
+
+# Home Assistant's placeholder states (statestream publishes them like any state): an entity
+# that is offline is no malformed payload, so it gets a reason of its own (logged at DEBUG).
+_UNAVAILABLE_STATES = (b"unavailable", b"unknown")
+
+
+def _check_unavailable(text: bytes, sensor: str) -> None:
+    if text.lower() in _UNAVAILABLE_STATES:
+        raise _Reject("unavailable", f"{sensor}: state {text.decode('ascii')}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +570,7 @@ class _Compiled:
     """Per-input lookup tables, prepared once."""
 
     __slots__ = ("spec", "template", "format", "paths", "single_key", "ts_path", "ts_unit",
-                 "arity", "max_bytes")
+                 "arity", "max_bytes", "namer", "selector", "tz")
 
     def __init__(self, spec: InputSpec):
         self.spec = spec
@@ -527,13 +585,41 @@ class _Compiled:
         self.ts_unit = spec.timestamp_unit
         self.arity = len(self.paths)
         self.max_bytes = spec.max_payload_bytes
+        self.namer = SensorName(spec.sensor_template)
+        self.tz = zoneinfo.ZoneInfo(spec.timestamp_tz) if spec.timestamp_tz else None
+        if spec.format == "influx":
+            # Line protocol: every numeric field unless listed; the timestamp is no field there.
+            self.selector = FieldSelector(spec.fields or ("*",), spec.exclude_fields)
+            self.arity = 1
+        elif spec.fields:
+            self.selector = FieldSelector(spec.fields, spec.exclude_fields, spec.timestamp_field)
+            self.arity = 1
+        else:
+            self.selector = None
 
 
 _UTC = datetime.timezone.utc
 
 
-def _timestamp(raw, unit, sensor):
-    """Seconds since the epoch from a decoded timestamp field, or raise _Reject."""
+def _local_timestamp(dt: datetime.datetime, tz, now) -> float:
+    """A naive wall-clock time in zone `tz` -> epoch seconds.
+
+    At a DST fall-back the same wall time happens twice (fold 0 and 1). A device stamps the
+    present, so the occurrence nearer to the arrival time `now` is the one it meant; taking
+    always the first would move every reading of the repeated hour an hour back (out_of_order).
+    """
+    first = dt.replace(tzinfo=tz, fold=0).timestamp()
+    second = dt.replace(tzinfo=tz, fold=1).timestamp()
+    if first == second or now is None:
+        return first
+    return first if abs(first - now) <= abs(second - now) else second
+
+
+def _timestamp(raw, unit, sensor, tz=None, now=None):
+    """Seconds since the epoch from a decoded timestamp field, or raise _Reject.
+
+    Naive ISO times are in `tz` (the input's timestamp_tz), or UTC when it is None.
+    """
     t = type(raw)
     if unit == "iso":
         if t is not str:
@@ -542,8 +628,9 @@ def _timestamp(raw, unit, sensor):
         try:
             dt = datetime.datetime.fromisoformat(raw)
             if dt.tzinfo is None:
-                dt = dt.replace(tzinfo=_UTC)  # naive means UTC
-            ts = dt.timestamp()
+                ts = dt.replace(tzinfo=_UTC).timestamp() if tz is None else _local_timestamp(dt, tz, now)
+            else:
+                ts = dt.timestamp()
         except (ValueError, OverflowError, OSError):
             raise _Reject("bad_timestamp", f"{sensor}: {_short(raw, 40)}") from None
     else:
@@ -552,14 +639,26 @@ def _timestamp(raw, unit, sensor):
                 ts = float(raw)
             except OverflowError:
                 raise _Reject("bad_timestamp", f"{sensor}: out of range") from None
-            if unit == "ms":
-                ts /= 1000.0
+            if unit != "s":
+                ts /= _UNIT_DIVISOR[unit]
         else:
             raise _Reject("bad_timestamp",
                           f"{sensor}: expected a number ({unit}), got {_show(raw)}")
     if not 0.0 <= ts <= MAX_TIMESTAMP:  # also catches NaN
-        raise _Reject("bad_timestamp", f"{sensor}: {_show(raw)} is before 1970 or after 3000")
+        raise _Reject("bad_timestamp", f"{sensor}: {_show(raw)} is before 1970 or after 3000"
+                                       f"{_unit_hint(ts, unit)}")
     return ts
+
+
+def _unit_hint(ts: float, unit: str) -> str:
+    """What timestamp_unit a far-future number probably is in (Telegraf sends nanoseconds)."""
+    if unit == "iso" or not ts > MAX_TIMESTAMP:
+        return ""
+    seconds = ts * _UNIT_DIVISOR[unit]
+    for cand in ("ms", "us", "ns"):
+        if _UNIT_DIVISOR[cand] > _UNIT_DIVISOR[unit] and 0 <= seconds / _UNIT_DIVISOR[cand] <= MAX_TIMESTAMP:
+            return f" in {unit}; it looks like {cand}: set the input's timestamp_unit: {cand}"
+    return ""
 
 
 def _reading_from_object(obj: dict, sensor: str, c: _Compiled, now: float) -> Reading:
@@ -580,7 +679,7 @@ def _reading_from_object(obj: dict, sensor: str, c: _Compiled, now: float) -> Re
     if c.ts_path is not None:
         raw = obj.get(c.ts_path[0], _MISSING) if len(c.ts_path) == 1 else _lookup(obj, c.ts_path)
         if raw is not _MISSING and raw is not None:
-            ts = _timestamp(raw, c.ts_unit, sensor)
+            ts = _timestamp(raw, c.ts_unit, sensor, c.tz, now)
     return Reading(sensor, ts, values)
 
 
@@ -595,6 +694,20 @@ def _scalar(raw, sensor: str, c: _Compiled) -> tuple:
     if c.arity != 1 and (type(raw) is int or type(raw) is float):
         raise _Reject("wrong_arity", f"{sensor}: 1 value, expected {c.arity}")
     return (_number(raw, sensor, "value"),)
+
+
+def _renamed(result: ParseResult, c: _Compiled) -> ParseResult:
+    """Readings renamed by the input's sensor_name (e.g. ``vec/{sensor}``)."""
+    readings = []
+    rejected = result.rejected
+    for r in result.readings:
+        sid = c.namer.render(r.sensor)
+        if _valid_sensor_id(sid):
+            readings.append(Reading(sid, r.timestamp, r.values))
+        else:
+            rejected.append(("missing_field", f"{r.sensor}: sensor_name gives an invalid sensor id "
+                                              f"{_short(sid, 40)}"))
+    return ParseResult(readings, rejected)
 
 
 class PayloadParser:
@@ -668,6 +781,16 @@ class PayloadParser:
         if len(payload) > c.max_bytes:
             return ParseResult([], [("too_large", f"{sensor}: {len(payload)} bytes, limit "
                                                   f"{c.max_bytes}")])
+        if c.format == "influx":
+            return self._influx(payload, sensor, c)
+        if c.selector is not None:
+            return self._fields(payload, sensor, c)
+        result = self._parse_one(payload, sensor, c)
+        if not c.namer.simple:
+            result = _renamed(result, c)
+        return result
+
+    def _parse_one(self, payload, sensor, c) -> ParseResult:
         fmt = c.format
         if fmt == "number":
             value = _plain_number(payload, sensor)
@@ -753,4 +876,77 @@ class PayloadParser:
                     readings.append(Reading(key, now, _scalar(raw, key, c)))
             except _Reject as r:
                 rejected.append((r.reason, r.detail))
+        return ParseResult(readings, rejected)
+
+    # --- one message, several sensors (fields.py, influx.py) --------------------------------
+
+    def _fields(self, payload: bytes, sensor: str, c: _Compiled) -> ParseResult:
+        doc = self._decode(payload, sensor)
+        if type(doc) is not dict:
+            want = "every numeric field" if c.selector.every else \
+                "the fields " + ", ".join(name for name, _ in c.selector.paths)
+            raise _Reject("bad_json", f"{sensor}: expected a JSON object with {want}, got "
+                                      f"{_json_type(doc)}")
+        now = self._clock()
+        ts = now
+        if c.ts_path is not None:
+            raw = _lookup(doc, c.ts_path)
+            if raw is not _MISSING and raw is not None:
+                ts = _timestamp(raw, c.ts_unit, sensor, c.tz, now)
+        readings, rejected = [], []
+        self._field_readings(c.selector.select(doc), sensor, c, ts, None, None, readings, rejected)
+        if not readings and not rejected:
+            rejected.append(("missing_field", f"{sensor}: no numeric field in the object"))
+        return ParseResult(readings, rejected)
+
+    @staticmethod
+    def _field_readings(selected, sensor, c, ts, measurement, tags, readings, rejected) -> None:
+        for name, raw in selected:
+            if raw is _FIELD_MISSING:
+                rejected.append(("missing_field", f"{sensor}: no field {name!r}"))
+                continue
+            sid = c.namer.render(sensor, field=name, measurement=measurement, tags=tags)
+            if not _valid_sensor_id(sid):
+                rejected.append(("missing_field", f"{sensor}: field {_short(name, 40)} gives an invalid "
+                                                  f"sensor id {_short(sid, 40)}"))
+                continue
+            try:
+                readings.append(Reading(sid, ts, (_number(raw, sid, name),)))
+            except _Reject as r:
+                rejected.append((r.reason, r.detail))
+
+    def _influx(self, payload: bytes, sensor: str, c: _Compiled) -> ParseResult:
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Reject("bad_line_protocol", f"{sensor}: not UTF-8 text; expected InfluxDB line "
+                                               f"protocol: {_INFLUX_SYNTAX}") from None
+        if text.lstrip()[:1] in ("{", "["):
+            raise _Reject("bad_line_protocol", f"{sensor}: JSON on a format: influx input; expected InfluxDB "
+                                               f"line protocol: {_INFLUX_SYNTAX}")
+        now = self._clock()
+        readings, rejected = [], []
+        for line in parse_lines(text):
+            if isinstance(line, LineError):
+                rejected.append(("bad_line_protocol", f"{sensor}: line {line.number}: {line.problem} "
+                                                      f"(expected {_INFLUX_SYNTAX})"))
+                continue
+            missing = c.namer.missing_tag(line.tags)
+            if missing is not None:
+                rejected.append(("missing_field", f"{sensor}: line {line.number}: no tag {missing!r} "
+                                                  f"(sensor_name {c.namer.template!r})"))
+                continue
+            ts = now
+            if line.timestamp is not None:
+                try:
+                    ts = _timestamp(line.timestamp, c.ts_unit, sensor)
+                except _Reject as r:
+                    rejected.append((r.reason, r.detail))
+                    continue
+            self._field_readings(c.selector.select(dict(line.fields)), sensor, c, ts, line.measurement,
+                                 line.tags, readings, rejected)
+        if not readings and not rejected:
+            rejected.append(("bad_line_protocol", f"{sensor}: no numeric field; expected InfluxDB line "
+                                                  f"protocol: {_INFLUX_SYNTAX}"))
+        self._check_batch_size(len(readings), sensor)
         return ParseResult(readings, rejected)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Callable
 
-__all__ = ["RateLimitedLogger"]
+__all__ = ["RateLimitedLogger", "key_text"]
 
 
 class _KeyState:
@@ -70,7 +70,7 @@ class RateLimitedLogger:
                 self._state[k].suppressed = 0
         lvl = logging.WARNING if level is None else level
         for key, n in pending:
-            self.logger.log(lvl, "%s: %d similar messages suppressed", key, n)
+            self.logger.log(lvl, "%s: %d similar messages suppressed", key_text(key), n)
         return len(pending)
 
     def _prune(self, now: float) -> None:
@@ -78,6 +78,14 @@ class RateLimitedLogger:
         stale = [k for k, s in self._state.items() if now >= s.next_at and not s.suppressed]
         for k in stale:
             del self._state[k]
+
+
+def key_text(key) -> str:
+    """A key in words: ("rejected", "bad_json") -> "rejected (bad_json)", as the log lines say it."""
+    if isinstance(key, tuple) and key:
+        head, rest = str(key[0]), [str(k) for k in key[1:]]
+        return f"{head} ({', '.join(rest)})" if rest else head
+    return str(key)
 
 
 def _with_suffix(msg, args, suppressed: int):

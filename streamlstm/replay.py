@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 
-from . import nab
 from .detector.detector import _Reading
 
 # anomaly_score is the alert-suppressed score (what NAB thresholds); raw_score the per-reading one.
@@ -61,21 +60,36 @@ def _to_seconds(text: str) -> float:
 
 
 class Progress:
-    """A light progress line on stderr (only when it is a terminal)."""
+    """Progress on stderr: a line redrawn in place on a terminal; otherwise (systemd, CI, a pipe
+    to a file) a plain line every `every_s` seconds and one at the end, so a long replay or
+    evaluate run still shows that it moves."""
 
-    def __init__(self, total: int, label: str, stream=sys.stderr):
-        self.total, self.label, self.stream = total, label, stream
-        self.enabled = stream.isatty()
-        self.last = 0.0
+    def __init__(self, total: int, label: str, stream=None, *, every_s: float = 10.0,
+                 clock=time.monotonic):
+        self.total, self.label = total, label
+        self.stream = sys.stderr if stream is None else stream
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):  # closed or exotic streams
+            self.tty = False
+        self.every_s = 0.2 if self.tty else every_s
+        self.clock = clock
+        self.last = clock()
+        self.t0 = self.last
 
     def update(self, done: int):
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 0.2 or done == self.total):
-            self.last = now
-            self.stream.write(f"\r{self.label}: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%)")
-            if done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
+        now = self.clock()
+        finished = done >= self.total
+        if not finished and now - self.last < self.every_s:
+            return
+        self.last = now
+        pct = 100 * done / max(self.total, 1)
+        text = f"{self.label}: {done}/{self.total} ({pct:.0f}%), {now - self.t0:.0f} s"
+        if self.tty:
+            self.stream.write("\r" + text + ("\n" if finished else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
 
 
 def replay_series(detector, sensor: str, seconds, values, chunk: int = 512, progress: Progress | None = None):

@@ -522,7 +522,9 @@ def test_input_topic_template(topic, reason):
 
 
 def test_input_topic_ok_and_subscription():
-    cfg = parse_config({"inputs": [{"topic": "a/{sensor}/v"}, {"topic": "z2m/{sensor+}", "format": "json"}]})
+    # The second input names its sensors apart: both could otherwise produce the id "x" (routing.py).
+    cfg = parse_config({"inputs": [{"topic": "a/{sensor}/v"},
+                                   {"topic": "z2m/{sensor+}", "format": "json", "sensor_name": "z2m/{sensor}"}]})
     assert [i.subscription for i in cfg.inputs] == ["a/+/v", "z2m/#"]
 
 

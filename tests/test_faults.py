@@ -438,7 +438,9 @@ def test_checkpoint_write_failures_while_running_keep_the_daemon_and_the_good_fi
         assert d.alive(), d.log_tail()
         assert path.read_bytes() == good, "a failed write replaced the good checkpoint"
         assert len(final_state(state_dir)) == 100
-        assert not [p for p in state_dir.iterdir() if p.name != CKPT], sorted(p.name for p in state_dir.iterdir())
+        # No temporary file left behind (status.json is `streamlstm status`'s, replaced atomically).
+        assert not [p for p in state_dir.iterdir() if p.name not in (CKPT, "status.json")], \
+            sorted(p.name for p in state_dir.iterdir())
         age = d.scrape().value("streamlstm_checkpoint_age_seconds")
         assert age >= 1.0
         log = d.log_text()

@@ -139,7 +139,7 @@ def test_input_spec_defaults_and_freeze():
     (dict(value_fields=["a", "a"]), "duplicates"),
     (dict(value_fields=[3]), "non-empty string"),
     (dict(value_fields=["a", "b"], format="number"), "one value"),
-    (dict(timestamp_unit="us"), "timestamp_unit"),
+    (dict(timestamp_unit="minutes"), "timestamp_unit"),
     (dict(timestamp_field=""), "non-empty"),
     (dict(max_payload_bytes=0), "max_payload_bytes"),
     (dict(max_payload_bytes=True), "max_payload_bytes"),
