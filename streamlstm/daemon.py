@@ -674,7 +674,8 @@ class Daemon:
             if self.mqtt.publish(topic, event_message(kind, incident), qos=out.events_qos,
                                  expiry_s=out.message_expiry_s or None):
                 self.metrics.events_published.inc()
-            log.info("%s: sensor %s (group %s) score %.4f", kind, incident.sensor, incident.group, incident.score)
+            # %r: a sensor id (from a device, or a checkpoint of an older version) cannot forge a line.
+            log.info("%s: sensor %r (group %s) score %.4f", kind, incident.sensor, incident.group, incident.score)
         if out.state_topic is not None:
             self._publish_states(batch)
 

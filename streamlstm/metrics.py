@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # docs/design.md: every reason is exported from the start (0), so rate() works from the first scrape.
 REJECTION_REASONS = (
     "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic", "too_large",
-    "bad_timestamp", "duplicate_timestamp", "out_of_order", "sensor_cap", "wrong_arity",
+    "bad_timestamp", "duplicate_timestamp", "out_of_order", "sensor_cap", "wrong_arity", "bad_sensor_id",
+    "clock_skew",
 )
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)

@@ -37,6 +37,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import ConfigError, read_secret
 from .ratelimit import RateLimitedLogger
+from .topics import publish_topic_problem
 
 __all__ = ["MqttIO", "AckToken", "read_password"]
 
@@ -48,6 +49,12 @@ OFFLINE = b"offline"
 # instead of growing without bound.
 MAX_OUT_QUEUE = 10_000
 MAX_INFLIGHT_OUT = 100
+
+
+def _escaped(topic, limit: int = 200) -> str:
+    """A topic for a log line: repr (control characters escaped, one line), bounded."""
+    text = repr(topic)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class AckToken(tuple):
@@ -254,8 +261,14 @@ class MqttIO:
         """Publish; False (and a counted failure) when paho refuses or would drop it.
 
         While disconnected paho keeps QoS >= 1 messages (up to MAX_OUT_QUEUE) and sends them after
-        the reconnect; QoS 0 messages are lost then.
+        the reconnect; QoS 0 messages are lost then. A topic the broker would find malformed is
+        refused here: sent, it would cost the connection, and paho would re-send it after every
+        reconnect (topics.py).
         """
+        problem = publish_topic_problem(topic)
+        if problem is not None:
+            self._publish_failed(f"publish to {_escaped(topic)} refused: {problem}")
+            return False
         props = None
         if expiry_s and self.v5:
             props = Properties(PacketTypes.PUBLISH)
@@ -263,12 +276,12 @@ class MqttIO:
         try:
             info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except (ValueError, TypeError) as exc:
-            self._publish_failed(f"publish to {topic!r} refused: {exc}")
+            self._publish_failed(f"publish to {_escaped(topic)} refused: {exc}")
             return False
         rc = info.rc
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
             return True
-        self._publish_failed(f"publish to {topic!r} failed: {paho.error_string(rc)}")
+        self._publish_failed(f"publish to {_escaped(topic)} failed: {paho.error_string(rc)}")
         return False
 
     def _publish_failed(self, message: str) -> None:
