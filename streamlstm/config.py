@@ -343,6 +343,10 @@ class DetectorConfig:
     seasonal_max_bins: int = _int(2016, "most phase bins per seasonal profile (memory: 4 B per bin per sensor)", min=4)
     peak_memory: int = _int(2000, "readings over which a sensor's own peak surprise is remembered (0: off)", min=0)
     peak_floor: float = _float(4.0, "-log10 p a sensor's peaks may reach before they discount new evidence", min=0)
+    max_clock_skew_s: float = _float(86400.0, "readings stamped more than this ahead of the clock are rejected "
+                                     "(clock_skew); 0: no check", min=0)
+    clock_jump_readings: int = _int(20, "consecutive in-order readings more than max_clock_skew_s behind a "
+                                    "sensor's last one that re-base its clock", min=1)
 
     def _problems(self):
         lo, hi = self.scale_min, self.scale_max

@@ -668,6 +668,7 @@ class Daemon:
         self.metrics.observe_batch(batch, step)
         self._sync_sensor_gauges()
         self._log_rejections(batch)
+        self._log_resets(batch)
         out = self.config.output
         for kind, incident in batch.events:
             topic = out.events_topic.replace("{sensor}", incident.sensor)
@@ -695,6 +696,17 @@ class Daemon:
             else:
                 self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): sensor %r at %s",
                               reason, batch.sensors[i], batch.timestamps[i])
+
+    def _log_resets(self, batch) -> None:
+        # Both are counted in streamlstm_model_resets_total{reason}; the line says which sensor.
+        for group, sensor, why in batch.resets:
+            if why == "implausible_scale":
+                self.rlog.log(("reset", why), logging.WARNING, "sensor %r (group %s): its statistics were "
+                              "implausible (a huge reading?): scale and model state reset, warming up again",
+                              sensor, group)
+            elif why == "clock_jump":
+                self.rlog.log(("reset", why), logging.WARNING, "sensor %r (group %s): its clock jumped (last "
+                              "timestamp beyond detector.max_clock_skew_s): timestamps re-based", sensor, group)
 
     def _publish_states(self, batch) -> None:
         out = self.config.output

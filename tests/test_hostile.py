@@ -89,3 +89,80 @@ def test_control_characters_in_sensor_ids_are_rejected_and_cannot_poison_the_ses
     assert d.stop() == 0, d.log_tail()
     report("hostile/bad_sensor_ids", published=published, processed=s.readings, lost=0, rejected=s.rejected,
            notes="6 hostile ids x 400 readings; reconnects 0; good sensor's event delivered")
+
+
+# ------------------------------------------------------------------------------ defect 2
+
+def test_one_huge_value_early_in_a_sensors_life_does_not_blind_it(mosquitto, tmp_path, daemons):
+    cfg = daemon_config(mosquitto.port, tmp_path, detector=FAST_DETECTOR)
+    d = daemons(tmp_path, cfg).start()
+    d.wait_ready()
+    sub = Subscriber(mosquitto.host, mosquitto.port, "streamlstm/events/#")
+    sensors = ["first", "second", "later", "control"]
+    huge = {"first": (0, 3.4e38), "second": (1, 1e20), "later": (150, 1e20)}
+    n, spike_at = 1500, 1400
+    items, chunk = [], []
+    for i in range(n):
+        for k, s in enumerate(sensors):
+            at, value = huge.get(s, (-1, 0.0))
+            v = value if i == at else 1000.0 if i == spike_at else wave(k, i)
+            chunk.append((s, v, T0 + i))
+        if len(chunk) >= 200:
+            items.append(("sensors/batch", batch(chunk), len(chunk)))
+            chunk = []
+    try:
+        assert publish(mosquitto, items) == n * len(sensors)
+        s = d.wait_handled(n * len(sensors), 120)
+        for sensor in sensors:
+            sub.wait(lambda m, sensor=sensor: m[0] == f"streamlstm/events/{sensor}",
+                     what=f"an event for {sensor}'s spike of 1000")
+        anomalies = {sensor: [e["timestamp"] for e in events_of(sub, sensor) if e["event"] == "anomaly"]
+                     for sensor in sensors}
+        assert all(T0 + spike_at in ts for ts in anomalies.values()), anomalies
+        resets = s.by_label("streamlstm_model_resets_total", "reason")
+        assert resets.get("implausible_scale", 0) >= 1, resets  # the two in the first readings
+        assert "implausible" in d.log_text()
+    finally:
+        sub.close()
+    assert d.stop() == 0, d.log_tail()
+    report("hostile/huge_value", published=n * len(sensors), processed=s.readings, lost=0, rejected=s.rejected,
+           notes=f"3.4e38 / 1e20 at readings 0, 1, 150; spike of 1000 at {spike_at} flagged for all; "
+                 f"implausible_scale resets {resets.get('implausible_scale', 0):.0f}")
+
+
+# ------------------------------------------------------------------------------ defect 3
+
+YEAR_2999 = 32503593600.0  # 2999-12-31T00:00:00Z
+
+
+def test_a_far_future_timestamp_cannot_freeze_a_sensor_even_across_a_restart(mosquitto, tmp_path, daemons):
+    # First daemon without the skew limit (as before it existed): it accepts a reading dated 2999,
+    # after which every reading of that sensor is out_of_order, and checkpoints it.
+    cfg = daemon_config(mosquitto.port, tmp_path, detector=dict(FAST_DETECTOR, max_clock_skew_s=0))
+    d = daemons(tmp_path, cfg, name="unguarded").start()
+    d.wait_ready()
+    items = list(stream(["frozen"], 0, 100)) + [("sensors/batch", batch([("frozen", 1.0, YEAR_2999)]), 1)]
+    items += list(stream(["frozen"], 100, 150))
+    assert publish(mosquitto, items) == 151
+    s = d.wait_handled(151, 60)
+    assert s.readings == 101 and s.rejected == {"out_of_order": 50}, s.rejected
+    assert d.stop() == 0, d.log_tail()
+
+    # Second daemon, default limit: a new far-future reading is refused; the frozen sensor
+    # (last timestamp 2999 from the checkpoint) is re-based at its next reading.
+    cfg = daemon_config(mosquitto.port, tmp_path, detector=FAST_DETECTOR)
+    d2 = daemons(tmp_path, cfg, name="guarded").start()
+    d2.wait_ready()
+    items = [("sensors/batch", batch([("other", 1.0, T0), ("other", 2.0, YEAR_2999)]), 2)]
+    items += list(stream(["frozen", "other"], 150, 200))
+    assert publish(mosquitto, items) == 102
+    s = d2.wait_handled(102, 60)
+    assert s.rejected == {"clock_skew": 1}, s.rejected
+    assert s.readings == 101  # frozen 150..199 and other T0, 150..199
+    assert s.value("streamlstm_model_resets_total", group="default", reason="clock_jump") == 1
+    assert "clock jumped" in d2.log_text()
+    assert d2.stop() == 0, d2.log_tail()
+    report("hostile/far_future_timestamp", published=253, processed=101 + s.readings, lost=0,
+           rejected={"out_of_order (before the limit)": 50, "clock_skew": 1},
+           notes="2999-dated reading checkpointed by an unguarded daemon; re-based at the first reading "
+                 "after the restart")
