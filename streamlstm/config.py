@@ -423,6 +423,9 @@ class MetricsConfig:
     per_sensor_cap: int = _int(1000, "at most this many sensors get per-sensor series", min=0)
     silent_after_s: float = _float(300.0, "a sensor with no reading for this long counts as silent",
                                    min=0, min_open=True)
+    max_connections: int = _int(16, "open connections at most; beyond, the oldest is closed", min=1, max=1024)
+    request_timeout_s: float = _float(10.0, "a connection is closed this long after it was opened", min=0,
+                                      min_open=True)
     tls_cert_file: Optional[str] = _str(None, "HTTPS certificate", nullable=True)
     tls_key_file: Optional[str] = _str(None, "HTTPS private key", nullable=True)
     basic_auth_user: Optional[str] = _str(None, "basic-auth user name", nullable=True)

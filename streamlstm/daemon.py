@@ -514,7 +514,7 @@ class Daemon:
             log.warning("output.homeassistant.enabled needs output.state_topic (the binary_sensor's state): "
                         "no discovery messages will be published")
         if m.enabled:
-            self.metrics_server = serve(m, self.registry)
+            self.metrics_server = serve(m, self.registry, self.metrics)
             log.info("metrics on %s", self.metrics_server.url)
 
         self.notifier.status("loading models")

@@ -166,3 +166,99 @@ def test_a_far_future_timestamp_cannot_freeze_a_sensor_even_across_a_restart(mos
            rejected={"out_of_order (before the limit)": 50, "clock_skew": 1},
            notes="2999-dated reading checkpointed by an unguarded daemon; re-based at the first reading "
                  "after the restart")
+
+
+# ------------------------------------------------------------------------------ defect 4
+
+class Slowloris(threading.Thread):
+    """Keeps up to `n` connections to host:port open, each sending a request one byte per
+    `drip_s`, reopening the ones the server closes, until `stop` is set (or `limit_s` passed)."""
+
+    def __init__(self, host: str, port: int, n: int, drip_s: float = 0.5, limit_s: float = 60.0):
+        super().__init__(name="slowloris", daemon=True)
+        self.host, self.port, self.n, self.drip_s, self.limit_s = host, port, n, drip_s, limit_s
+        self.stop = threading.Event()
+        self.opened = 0
+        self.max_open = 0
+
+    def _open(self):
+        try:
+            s = socket.create_connection((self.host, self.port), timeout=1.0)
+            s.setblocking(False)
+            self.opened += 1
+            return s
+        except OSError:
+            return None
+
+    def run(self) -> None:
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 10_000
+        socks: list = []
+        deadline = time.monotonic() + self.limit_s
+        step = 0
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            while len(socks) < self.n and not self.stop.is_set():
+                s = self._open()
+                if s is None:
+                    break
+                socks.append(s)
+            self.max_open = max(self.max_open, len(socks))
+            alive = []
+            for s in socks:
+                try:
+                    s.send(request[step % len(request):step % len(request) + 1])
+                    alive.append(s)
+                except OSError:  # closed by the server: slowloris simply opens another
+                    s.close()
+            socks = alive
+            step += 1
+            self.stop.wait(self.drip_s)
+        for s in socks:
+            s.close()
+
+
+def open_fds(pid: int) -> int:
+    import os
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+def test_slowloris_on_metrics_cannot_exhaust_descriptors_or_starve_scrapes(mosquitto, tmp_path, daemons):
+    import resource
+
+    cfg = daemon_config(mosquitto.port, tmp_path, metrics={"max_connections": 16, "request_timeout_s": 3},
+                        checkpoint={"interval_s": 1})
+    d = daemons(tmp_path, cfg).start()
+    d.wait_ready()
+    # The file-descriptor limit the issue ran into (1024 there): 256 here, so 400 slow clients
+    # would exhaust it without the cap.
+    resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (256, resource.prlimit(d.pid, resource.RLIMIT_NOFILE)[1]))
+    fds_before = open_fds(d.pid)
+    attack = Slowloris("127.0.0.1", cfg["metrics"]["port"], 400)
+    attack.start()
+    scrapes, max_fds = 0, 0
+    try:
+        wait_for(lambda: attack.opened >= 400, 30, what="400 slow connections opened")
+        errors_before = d.scrape().total("streamlstm_checkpoint_errors_total")
+        published = publish(mosquitto, stream(["s1", "s2"], 0, 200))
+        for _ in range(8):  # scrapes during the attack, each with a 5 s timeout
+            s = d.scrape(timeout=5.0)
+            scrapes += 1
+            max_fds = max(max_fds, open_fds(d.pid))
+            time.sleep(0.5)
+        s = d.wait_handled(published, 30)
+        time.sleep(1.5)  # at least one checkpoint during the attack
+        s = d.scrape(timeout=5.0)
+    finally:
+        attack.stop.set()
+        attack.join(10)
+    assert s.readings == published
+    assert s.total("streamlstm_checkpoint_errors_total") == errors_before
+    assert s.value("streamlstm_metrics_connections") <= 16
+    dropped = s.by_label("streamlstm_metrics_connections_dropped_total", "reason")
+    assert dropped["over_cap"] + dropped["timeout"] >= 400 - 16, dropped
+    assert max_fds - fds_before <= 16 + 8, (fds_before, max_fds)
+    assert "metrics: closed a connection" in d.log_text()
+    assert d.stop() == 0, d.log_tail()
+    report("hostile/slowloris_metrics", published=published, processed=s.readings, lost=0, rejected=s.rejected,
+           notes=f"{attack.opened} slow connections opened (400 at a time), {scrapes}/8 scrapes answered, "
+                 f"daemon fds {fds_before} -> max {max_fds}, dropped {dropped}; checkpoint errors 0")
