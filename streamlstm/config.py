@@ -263,7 +263,8 @@ class MqttConfig:
     password_file: Optional[str] = _str(None, "file holding the password (read with read_secret)", nullable=True)
     reconnect_min_delay_s: float = _float(1.0, "first reconnect delay", min=0, min_open=True)
     reconnect_max_delay_s: float = _float(60.0, "longest reconnect delay (exponential backoff)", min=0, min_open=True)
-    max_payload_bytes: int = _int(1048576, "larger payloads are rejected (reason too_large)", min=1, max=268435455)
+    max_payload_bytes: int = _int(1048576, "larger payloads are rejected (reason too_large); MQTT 5: the broker "
+                                  "is told not to send packets much larger", min=1, max=268435455)
     tls: TlsConfig = _section(TlsConfig, "TLS to the broker")
 
     def _problems(self):

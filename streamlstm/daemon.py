@@ -12,13 +12,13 @@ Threads
   the worker); the final checkpoint at shutdown is written by the worker itself.
 * main: start-up, signals (SIGTERM/SIGINT stop, SIGHUP reload), shutdown.
 
-Backpressure and acks: the queue holds at most ``pipeline.queue_size`` entries (one per
-reading, one per payload without readings). When it is full, the network thread blocks in
-`ReadingQueue.put` until the worker frees room: paho stops reading the socket, TCP flow
+Backpressure and acks: the queue holds ``pipeline.queue_size`` entries (one per reading, one
+per payload without readings), plus at most the one message read when it was last below
+that. While it is full the network thread reads no packet (`MqttIO` read gate): TCP flow
 control and the MQTT 5 Receive Maximum stop the broker, which keeps the rest queued in our
-persistent session. Nothing is dropped and memory stays bounded. (Blocking also delays
-paho's keepalive pings; a worker stalled for 1.5 x keepalive gets us disconnected, and the
-systemd watchdog restarts a worker stalled that long anyway.)
+persistent session, while the thread goes on sending acks and keepalive pings. (It used to
+block inside the message callback instead: no acks and no pings left then, and a burst cost
+the session when the keepalive lapsed; issue 12.)
 
 A message is acknowledged only after all of its readings went through the detector: its
 token rides on its last reading (or on a marker entry when it had none, e.g. a rejected
@@ -157,8 +157,8 @@ class ReadingQueue:
     def closed(self) -> bool:
         return self._closed
 
-    def put(self, entries: list) -> bool:
-        """Append all `entries` in order, blocking while the queue is full (backpressure).
+    def put(self, entries: list, block: bool = True) -> bool:
+        """Append all `entries` in order; with `block`, waiting while the queue is full.
 
         False when the queue was closed first; entries not yet appended then are dropped,
         unacknowledged (the broker redelivers them).
@@ -168,7 +168,7 @@ class ReadingQueue:
             while i < n:
                 if self._closed:
                     return False
-                free = self.capacity - len(self._items)
+                free = self.capacity - len(self._items) if block else n - i
                 if free <= 0:
                     t0 = time.monotonic()
                     self._not_full.wait(0.5)
@@ -180,6 +180,15 @@ class ReadingQueue:
                 if len(self._items) >= self._want:
                     self._not_empty.notify()
         return True
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """True once the queue is below capacity (or closed), waiting at most `timeout`."""
+        with self._lock:
+            if len(self._items) >= self.capacity and not self._closed:
+                t0 = time.monotonic()
+                self._not_full.wait(timeout)
+                self.blocked_s += time.monotonic() - t0
+            return len(self._items) < self.capacity or self._closed
 
     def get_batch(self, max_items: int, max_delay_s: float, idle_s: float) -> list:
         """Up to `max_items` entries: waits `idle_s` for a first one, then up to `max_delay_s`
@@ -509,6 +518,7 @@ class Daemon:
         # Before anything slow: secrets and TLS files are checked here (ConfigError -> exit 2).
         self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self.parser.subscriptions, self._on_message,
                            metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
+                           read_gate=self.queue.wait_for_room,
                            log_interval_s=cfg.logging.rejected_log_interval_s)
         if cfg.output.homeassistant.enabled and cfg.output.state_topic is None:
             log.warning("output.homeassistant.enabled needs output.state_topic (the binary_sensor's state): "
@@ -594,7 +604,9 @@ class Daemon:
             entries = [(None, token)]  # nothing to process: acked in turn, after earlier messages
         else:
             return
-        self.queue.put(entries)
+        # Never wait here: MqttIO reads no message while the queue is full (read_gate), so this
+        # one message may take it over capacity, once.
+        self.queue.put(entries, block=False)
 
     # --- worker -----------------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ from daemon_harness import T0, Publisher, Subscriber, daemon_config, report, wai
 
 pytestmark = [pytest.mark.timeout(300)]
 
+# Peak RSS growth allowed while 10^6 distinct ids arrive with max_sensors 10 000 (small model):
+# 10^4 sensors, the full queue (100 000 readings), a bounded routing cache (docs/reliability.md).
+HOSTILE_GROWTH_MIB = 200
 FAST_DETECTOR = {"scaling_warmup": 10, "warmup": 50, "long_window": 100, "seasonal_periods": []}
 
 
@@ -262,3 +265,157 @@ def test_slowloris_on_metrics_cannot_exhaust_descriptors_or_starve_scrapes(mosqu
     report("hostile/slowloris_metrics", published=published, processed=s.readings, lost=0, rejected=s.rejected,
            notes=f"{attack.opened} slow connections opened (400 at a time), {scrapes}/8 scrapes answered, "
                  f"daemon fds {fds_before} -> max {max_fds}, dropped {dropped}; checkpoint errors 0")
+
+
+# ------------------------------------------------------------------------------ defect 6
+
+@pytest.mark.slow
+def test_a_burst_beyond_the_queue_keeps_the_session_alive(mosquitto, tmp_path, daemons):
+    from daemon_harness import batch_payloads
+
+    # A short keepalive, a small queue, a retained state message per sensor (outgoing QoS 1
+    # traffic whose PUBACKs paho must read), and a burst of far more than the queue holds.
+    n_sensors, per_sensor = 2000, 100
+    total = n_sensors * per_sensor
+    cfg = daemon_config(mosquitto.port, tmp_path, mqtt={"keepalive_s": 2},
+                        pipeline={"queue_size": 1000, "max_batch": 500},
+                        model={"train_every": 1}, output={"state_topic": "streamlstm/state/{sensor}"})
+    d = daemons(tmp_path, cfg).start()
+    d.wait_ready()
+    pub = Publisher(mosquitto.host, mosquitto.port)
+    depths = []
+    try:
+        pub.publish_all(batch_payloads(n_sensors, per_sensor, 1000))
+        assert pub.wait_acked(120) == total
+
+        def finished():
+            s = d.scrape()
+            depths.append(s.value("streamlstm_queue_depth"))
+            return s.handled >= total and s
+        s = wait_for(finished, 300, step=0.2, what=f"{total} readings handled")
+    finally:
+        pub.close()
+    assert s.readings == total and s.rejected == {}, s.rejected
+    assert s.total("streamlstm_mqtt_reconnects_total") == 0, d.log_tail()
+    assert "disconnected" not in d.log_text()
+    # Bounded: reads pause while the queue is full, so it holds at most one message more.
+    assert max(depths) <= 1000 + 1000, max(depths)
+    assert d.stop() == 0, d.log_tail()
+    report("hostile/burst_keepalive", published=total, processed=s.readings, lost=0, rejected=s.rejected,
+           notes=f"keepalive 2 s, queue 1000, state topic on; reconnects 0; "
+                 f"max queue depth {max(depths):.0f}")
+
+
+# ------------------------------------------------------------------------------ defect 5
+
+def vm_hwm_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_an_oversized_payload_never_reaches_the_daemon(mosquitto, tmp_path, daemons):
+    # MQTT 5 Maximum Packet Size on CONNECT: the broker discards what the daemon would refuse
+    # anyway, instead of paho buffering all of it first (a 100 MB payload cost ~300 MiB).
+    cfg = daemon_config(mosquitto.port, tmp_path)
+    d = daemons(tmp_path, cfg).start()
+    d.wait_ready()
+    before = vm_hwm_mib(d.pid)
+    big = b"[" + b"1," * (32 * 1024 * 1024) + b"1]"  # 64 MiB of valid-looking JSON
+    items = [("sensors/big", big, 1)] + list(stream(["after"], 0, 10))
+    publish(mosquitto, items)
+    s = d.wait_handled(10, 60)
+    time.sleep(1.0)
+    s = d.scrape()
+    growth = vm_hwm_mib(d.pid) - before
+    assert s.readings == 10 and s.total("streamlstm_mqtt_reconnects_total") == 0
+    assert growth < 32, f"peak RSS grew {growth:.0f} MiB for a {len(big) >> 20} MiB payload"
+    assert d.stop() == 0, d.log_tail()
+    report("hostile/oversized_payload", published=11, processed=s.readings, lost=0, rejected=s.rejected,
+           notes=f"64 MiB payload discarded by the broker (Maximum Packet Size); peak RSS +{growth:.1f} MiB")
+
+
+# ------------------------------------------------------------------------------ all at once
+
+def fuzzed_ids(rng, n: int) -> list:
+    """Sensor ids a broken or hostile device might send: control characters, wildcards,
+    separators, huge, non-string."""
+    alphabet = ["\x00", "\x01", "\n", "\r", "\t", "\x1b", "\x7f", "\x85", "\u2028", "\ufffe", "+", "#", "/",
+                " ", "a", "\u00e9", "\u6e29", '"', "\\"]
+    out = []
+    for _ in range(n):
+        k = rng.randrange(5)
+        if k == 0:
+            out.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12))))
+        elif k == 1:
+            out.append("x" * rng.randrange(1000, 1400))
+        elif k == 2:
+            out.append(rng.choice([7, None, [], {}, 1.5, True]))
+        else:
+            out.append("id" + rng.choice(alphabet) + str(rng.randrange(10**6)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hostile_clients_all_at_once(mosquitto, tmp_path, daemons):
+    """Fuzzed sensor ids and topics from a raw MQTT client, 10^6 distinct ids, slowloris on
+    /metrics, while one honest sensor's spike must still come out as an event."""
+    import random
+
+    rng = random.Random(12)
+    cap = 10_000
+    cfg = daemon_config(mosquitto.port, tmp_path, detector=FAST_DETECTOR, pipeline={"max_sensors": cap},
+                        metrics={"max_connections": 16, "request_timeout_s": 3})
+    d = daemons(tmp_path, cfg).start()
+    d.wait_ready()
+    rss_ready = vm_hwm_mib(d.pid)
+    sub = Subscriber(mosquitto.host, mosquitto.port, "streamlstm/events/#")
+    attack = Slowloris("127.0.0.1", cfg["metrics"]["port"], 200)
+    attack.start()
+    n_ids, per_message = 1_000_000, 5000
+    items = [("sensors/batch", batch(stream_items), len(stream_items))
+             for stream_items in ([(f"h{i}", 1.0, T0) for i in range(start, start + per_message)]
+                                  for start in range(0, n_ids, per_message))]
+    fuzz = fuzzed_ids(rng, 2000)
+    items.append(("sensors/batch", json.dumps([{"sensor": s, "value": 1.0, "ts": T0} for s in fuzz]).encode(),
+                  len(fuzz)))
+    # Topics the broker accepts but no input template matches, or whose level is no valid id.
+    odd_topics = ["sensors", "sensors/a/b", "other/x", "sensors/\u00e9\u2028", "sensors/ /", "sensors/" + "y" * 5000]
+    items += [(t, b"1", 1) for t in odd_topics]
+    # The honest sensor: admitted before the flood, its spike comes after it.
+    items = list(stream(["probe"], 0, 250)) + items + list(stream(["probe"], 250, 400, spikes={300: 1000.0}))
+    scrapes = 0
+    try:
+        published = publish(mosquitto, items)
+        total = n_ids + len(fuzz) + len(odd_topics) + 400
+        assert published == total
+
+        # The probe's readings came last: once its event is out, everything before was handled.
+        deadline = time.monotonic() + 300
+        while not any(m[0] == "streamlstm/events/probe" for m in sub.seen):
+            assert time.monotonic() < deadline, f"no event for the probe; {d.try_scrape().rejected}"
+            try:
+                sub.seen.append(sub.messages.get(timeout=0.5))
+            except Exception:  # queue.Empty: scrape meanwhile, as Prometheus would
+                pass
+            scrapes += d.try_scrape() is not None
+        s = d.wait_settled(1.0, 60)
+    finally:
+        attack.stop.set()
+        attack.join(10)
+        sub.close()
+    peak = vm_hwm_mib(d.pid)
+    rejected = s.rejected
+    assert s.total("streamlstm_mqtt_reconnects_total") == 0, d.log_tail()
+    assert s.value("streamlstm_sensors", group="default") == cap
+    assert rejected["sensor_cap"] >= n_ids - (cap - 1)  # and the valid fuzzed ids, after the flood
+    assert rejected["bad_sensor_id"] >= len(fuzz) // 2
+    assert peak - rss_ready <= HOSTILE_GROWTH_MIB, f"peak RSS grew {peak - rss_ready:.0f} MiB"
+    assert d.stop() == 0, d.log_tail()
+    report("hostile/all_at_once", published=published, processed=s.readings, rejected=rejected,
+           notes=f"10^6 distinct ids (cap {cap}), {len(fuzz)} fuzzed ids, {len(odd_topics)} odd topics, "
+                 f"200 slowloris connections; {scrapes} scrapes answered; reconnects 0; probe event delivered; "
+                 f"RSS at READY {rss_ready:.0f} MiB, peak {peak:.0f} MiB")

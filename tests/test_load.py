@@ -130,9 +130,10 @@ def test_slow_consumer_gets_backpressure_not_unbounded_memory(mosquitto, tmp_pat
         pub.close()
     assert s.readings == total and s.rejected == {}, s.rejected  # nothing lost, nothing dropped
     # Slower than the publisher: when the broker had everything, the daemon was far from done,
-    # and its queue was full (backpressure) but never over capacity.
+    # and its queue was full (backpressure) but never over capacity by more than the one
+    # message read while it had room (the network thread then pauses reads, it never blocks).
     assert at_acked.handled < 0.8 * total, (at_acked.handled, total)
-    assert max(depths) <= queue_size
+    assert max(depths) <= queue_size + PER_MESSAGE
     assert max(depths) >= queue_size / 2, depths
     peak = d.update_peak_rss() / 1024
     assert d.stop() == 0, d.log_tail()

@@ -113,3 +113,12 @@ def test_redeliveries_and_shuffled_readings_are_no_clock_jump():
     far = 2e9 - 10 * 86400
     accepted, rebases, _ = run(clock(jump=3), 2e9, 60.0, [far + 5, far + 1, far + 4, far + 2, far + 3, far])
     assert accepted == [] and rebases == 0
+
+
+def test_routing_cache_stays_bounded_by_the_sensor_cap():
+    from streamlstm.detector.detector import ROUTE_CACHE_FACTOR, Detector, GroupConfig
+
+    det = Detector([GroupConfig()], backend_factory=lambda name: None, max_sensors=100)
+    for i in range(10_000):  # distinct ids, as a hostile client would send (all over the cap)
+        assert det.group_for(f"id{i}").name == "default"
+    assert len(det._route) <= ROUTE_CACHE_FACTOR * 100

@@ -16,6 +16,7 @@ from .group import OK, BatchResult, GroupDetector
 from .settings import DetectorSettings
 
 WEIGHTS = ("shared", "per_sensor")
+ROUTE_CACHE_FACTOR = 2  # the routing cache holds at most this many times max_sensors ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,10 @@ class Detector:
         g = self._route.get(sensor)
         if g is None:
             g = next(g for g in self.groups if fnmatch.fnmatchcase(sensor, g.match))
+            # Bounded: ids refused by the sensor cap (or hostile ones) must not grow it for ever.
+            # Over the bound it starts again; the known sensors fill it back in one pass.
+            if len(self._route) >= ROUTE_CACHE_FACTOR * self.max_sensors:
+                self._route.clear()
             self._route[sensor] = g
         return g
 
