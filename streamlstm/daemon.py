@@ -882,6 +882,8 @@ class Daemon:
             self.notifier.status("stopping: final checkpoint")
             if self.final_checkpoint():
                 log.info("final checkpoint written to %s", self.store.path)
+            else:  # the service manager must see it: the learning since the last good one is gone
+                status = EXIT_FAILURE
         self._ckpt_pool.shutdown(wait=True)
         self.mqtt.stop()
         if self.metrics_server is not None:

@@ -371,8 +371,12 @@ class MqttIO:
 
     def _on_connect_fail(self, client, userdata):
         try:
-            self._rlog.log("connect", logging.WARNING, "cannot connect to MQTT broker %s:%d; retrying",
-                           self.cfg.host, self.cfg.port)
+            # paho calls this from its `except OSError:` around the connect: the error is still
+            # being handled, so it says why (e.g. the TLS certificate verification failure).
+            exc = sys.exc_info()[1]
+            why = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+            self._rlog.log("connect", logging.WARNING, "cannot connect to MQTT broker %s:%d%s; retrying",
+                           self.cfg.host, self.cfg.port, why)
         except Exception:  # noqa: BLE001
             self._callback_error("connect_fail")
 

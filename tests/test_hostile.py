@@ -419,3 +419,34 @@ def test_hostile_clients_all_at_once(mosquitto, tmp_path, daemons):
            notes=f"10^6 distinct ids (cap {cap}), {len(fuzz)} fuzzed ids, {len(odd_topics)} odd topics, "
                  f"200 slowloris connections; {scrapes} scrapes answered; reconnects 0; probe event delivered; "
                  f"RSS at READY {rss_ready:.0f} MiB, peak {peak:.0f} MiB")
+
+
+# ------------------------------------------------------------------------------ defect 7
+
+def test_a_failed_final_checkpoint_is_a_failed_exit(mosquitto, tmp_path, daemons):
+    import shutil
+
+    cfg = daemon_config(mosquitto.port, tmp_path)
+    d = daemons(tmp_path, cfg).start()
+    d.wait_ready()
+    assert publish(mosquitto, stream(["s"], 0, 20)) == 20
+    d.wait_handled(20, 60)
+    state = tmp_path / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    state.write_text("not a directory\n")  # the final checkpoint cannot be written
+    rc = d.stop()
+    assert rc == 1, d.log_tail()
+    assert "checkpoint failed" in d.log_text()
+
+
+def test_a_fifo_checkpoint_does_not_hang_start_up(mosquitto, tmp_path, daemons):
+    import os
+
+    cfg = daemon_config(mosquitto.port, tmp_path)
+    (tmp_path / "state").mkdir()
+    os.mkfifo(tmp_path / "state" / "streamlstm.ckpt")
+    d = daemons(tmp_path, cfg).start()
+    d.wait_ready(timeout=120)
+    assert "not a regular file" in d.log_text()
+    assert d.scrape().total("streamlstm_checkpoint_errors_total") == 1
+    assert d.stop() == 0, d.log_tail()

@@ -8,10 +8,10 @@ import numpy as np
 # early in a sensor's life used to blow the std up by orders of magnitude for good, so later
 # spikes scaled to ~0 and never scored. Two guards:
 ROBUST_AFTER = 5        # from this many readings on, an update's delta is clipped to CLIP_K std
-CLIP_K = 50.0           # winsorised: one reading moves the std by at most ~22x at 5 readings, ~7x at
-# 50, ~1.2x once the horizon is full; the implausibility reset below catches what gets through.
-# (k = 5 cost NAB dev 69.1 -> 63.4, k = 20 -> 65.4: a spiky sensor's routine spikes must still
-# widen its scale; k = 50 left every NAB dev detection as it was.)
+CLIP_K = 100.0          # winsorised: one reading moves the std by at most ~45x at 5 readings, ~14x at
+# 50, ~1.7x once the horizon is full; the implausibility reset below catches what gets through.
+# (NAB dev standard score: k = 5 -> 63.4, 20 -> 65.4, 50 -> 68.9, 100 -> as before: a spiky
+# sensor's routine spikes must still widen its scale.)
 # A std that is 10^6 times the sensor's typical reading-to-reading change (geometric mean of the
 # non-zero changes over ~DIFF_HORIZON readings, insensitive to a few huge ones) is implausible:
 # only a poisoned update makes one (a smooth daily wave at one reading per second is ~10^4).
