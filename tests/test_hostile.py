@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("paho.mqtt.client")
 
-from daemon_harness import T0, Publisher, Subscriber, daemon_config, report, wait_for  # noqa: E402
+from daemon_harness import (T0, Publisher, Subscriber, daemon_config, proc_status_mib, report,  # noqa: E402
+                            wait_for)
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -309,11 +310,7 @@ def test_a_burst_beyond_the_queue_keeps_the_session_alive(mosquitto, tmp_path, d
 # ------------------------------------------------------------------------------ defect 5
 
 def vm_hwm_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return proc_status_mib(pid, "VmHWM")
 
 
 def test_an_oversized_payload_never_reaches_the_daemon(mosquitto, tmp_path, daemons):

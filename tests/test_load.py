@@ -15,7 +15,8 @@ import pytest
 
 pytest.importorskip("paho.mqtt.client")
 
-from daemon_harness import Publisher, batch_payloads, daemon_config, report, wait_for  # noqa: E402
+from daemon_harness import (Publisher, batch_payloads, daemon_config, proc_status_mib, report,  # noqa: E402
+                            wait_for)
 
 BURST_READINGS = int(os.environ.get("STREAMLSTM_LOAD_READINGS", "1000000"))
 BURST_SENSORS = 10_000
@@ -30,11 +31,7 @@ SLOW_GROWTH_MIB = 64
 
 
 def vm_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return proc_status_mib(pid, "VmRSS")
 
 
 def publish(broker, items) -> tuple[Publisher, float]:
