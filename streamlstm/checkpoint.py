@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import secrets
+import stat
 import struct
 import time
 from pathlib import Path
@@ -315,7 +316,20 @@ def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     """
     path = Path(path)
     try:
-        with open(path, "rb", buffering=0) as f:
+        # No symlink is followed (it could point anywhere, and errors would show its bytes), and
+        # nothing but a regular file is read: a FIFO would block start-up for good.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointCorrupt(f"{path}: is a symbolic link, not a checkpoint file") from None
+            raise
+        with open(fd, "rb", buffering=0) as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise CheckpointCorrupt(f"{path}: not a regular file")
+            os.set_blocking(fd, True)
             return _load_from(f, path)
     except FileNotFoundError:
         raise
@@ -331,7 +345,7 @@ def _load_from(f, path: Path) -> tuple[dict[str, np.ndarray], dict]:
     _read_exact(f, prefix, "the prefix", path)
     magic, version, header_len = _PREFIX.unpack(prefix)
     if magic != MAGIC:
-        raise CheckpointCorrupt(f"{path}: not a streamlstm checkpoint (bad magic {bytes(magic)!r})")
+        raise CheckpointCorrupt(f"{path}: not a streamlstm checkpoint (bad magic)")
     if version != FORMAT_VERSION:
         # A bit flip in the version field must read as corruption, not as "newer format".
         f.seek(size - _DIGEST_SIZE)
@@ -398,7 +412,7 @@ def quarantine(path, now: _dt.datetime | None = None) -> Path:
             target = path.with_name(base if n == 0 else f"{base}-{n}")
             try:
                 # link() fails with EEXIST instead of replacing: a true no-overwrite rename.
-                os.link(path, target)
+                os.link(path, target, follow_symlinks=False)  # a symlink moves, not its target
             except FileExistsError:
                 continue
             except OSError as exc:

@@ -281,7 +281,8 @@ class MqttConfig:
     password_file: Optional[str] = _str(None, "file holding the password (read with read_secret)", nullable=True)
     reconnect_min_delay_s: float = _float(1.0, "first reconnect delay", min=0, min_open=True)
     reconnect_max_delay_s: float = _float(60.0, "longest reconnect delay (exponential backoff)", min=0, min_open=True)
-    max_payload_bytes: int = _int(1048576, "larger payloads are rejected (reason too_large)", min=1, max=268435455)
+    max_payload_bytes: int = _int(1048576, "larger payloads are rejected (reason too_large); MQTT 5: the broker "
+                                  "is told not to send packets much larger", min=1, max=268435455)
     tls: TlsConfig = _section(TlsConfig, "TLS to the broker")
 
     def _problems(self):
@@ -412,6 +413,10 @@ class DetectorConfig:
     peak_memory: int = _int(2000, "readings over which a sensor's own peak surprise is remembered (0: off)", min=0)
     accept_after: int = _int(1000, "readings an incident may stay open before its level is accepted as the new "
                                    "normal and it closes with reason 'accepted' (0: never)", min=0)
+    max_clock_skew_s: float = _float(86400.0, "readings stamped more than this ahead of the clock are rejected "
+                                     "(clock_skew); 0: no check", min=0)
+    clock_jump_readings: int = _int(20, "consecutive in-order readings more than max_clock_skew_s behind a "
+                                    "sensor's last one that re-base its clock", min=1)
 
     def _problems(self):
         lo, hi = self.scale_min, self.scale_max
@@ -489,6 +494,9 @@ class MetricsConfig:
     per_sensor_cap: int = _int(1000, "at most this many sensors get per-sensor series", min=0)
     silent_after_s: float = _float(300.0, "a sensor with no reading for this long counts as silent",
                                    min=0, min_open=True)
+    max_connections: int = _int(16, "open connections at most; beyond, the oldest is closed", min=1, max=1024)
+    request_timeout_s: float = _float(10.0, "a connection is closed this long after it was opened", min=0,
+                                      min_open=True)
     tls_cert_file: Optional[str] = _str(None, "HTTPS certificate", nullable=True)
     tls_key_file: Optional[str] = _str(None, "HTTPS private key", nullable=True)
     basic_auth_user: Optional[str] = _str(None, "basic-auth user name", nullable=True)

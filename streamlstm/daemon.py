@@ -12,13 +12,13 @@ Threads
   the worker); the final checkpoint at shutdown is written by the worker itself.
 * main: start-up, signals (SIGTERM/SIGINT stop, SIGHUP reload), shutdown.
 
-Backpressure and acks: the queue holds at most ``pipeline.queue_size`` entries (one per
-reading, one per payload without readings). When it is full, the network thread blocks in
-`ReadingQueue.put` until the worker frees room: paho stops reading the socket, TCP flow
+Backpressure and acks: the queue holds ``pipeline.queue_size`` entries (one per reading, one
+per payload without readings), plus at most the one message read when it was last below
+that. While it is full the network thread reads no packet (`MqttIO` read gate): TCP flow
 control and the MQTT 5 Receive Maximum stop the broker, which keeps the rest queued in our
-persistent session. Nothing is dropped and memory stays bounded. (Blocking also delays
-paho's keepalive pings; a worker stalled for 1.5 x keepalive gets us disconnected, and the
-systemd watchdog restarts a worker stalled that long anyway.)
+persistent session, while the thread goes on sending acks and keepalive pings. (It used to
+block inside the message callback instead: no acks and no pings left then, and a burst cost
+the session when the keepalive lapsed; issue 12.)
 
 A message is acknowledged only after all of its readings went through the detector: its
 token rides on its last reading (or on a marker entry when it had none, e.g. a rejected
@@ -162,8 +162,8 @@ class ReadingQueue:
     def closed(self) -> bool:
         return self._closed
 
-    def put(self, entries: list) -> bool:
-        """Append all `entries` in order, blocking while the queue is full (backpressure).
+    def put(self, entries: list, block: bool = True) -> bool:
+        """Append all `entries` in order; with `block`, waiting while the queue is full.
 
         False when the queue was closed first; entries not yet appended then are dropped,
         unacknowledged (the broker redelivers them).
@@ -173,7 +173,7 @@ class ReadingQueue:
             while i < n:
                 if self._closed:
                     return False
-                free = self.capacity - len(self._items)
+                free = self.capacity - len(self._items) if block else n - i
                 if free <= 0:
                     t0 = time.monotonic()
                     self._not_full.wait(0.5)
@@ -185,6 +185,15 @@ class ReadingQueue:
                 if len(self._items) >= self._want:
                     self._not_empty.notify()
         return True
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """True once the queue is below capacity (or closed), waiting at most `timeout`."""
+        with self._lock:
+            if len(self._items) >= self.capacity and not self._closed:
+                t0 = time.monotonic()
+                self._not_full.wait(timeout)
+                self.blocked_s += time.monotonic() - t0
+            return len(self._items) < self.capacity or self._closed
 
     def get_batch(self, max_items: int, max_delay_s: float, idle_s: float) -> list:
         """Up to `max_items` entries: waits `idle_s` for a first one, then up to `max_delay_s`
@@ -504,11 +513,12 @@ class Daemon:
         # Before anything slow: secrets and TLS files are checked here (ConfigError -> exit 2).
         self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self._subscriptions(self.parser), self._on_message,
                            metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
+                           read_gate=self.queue.wait_for_room,
                            log_interval_s=cfg.logging.rejected_log_interval_s, on_connected=self._on_connected)
         if cfg.output.homeassistant.enabled and cfg.output.state_topic is None:
             log.info("Home Assistant discovery: per-sensor state on %s", state_topic(cfg.output))
         if m.enabled:
-            self.metrics_server = serve(m, self.registry)
+            self.metrics_server = serve(m, self.registry, self.metrics)
             log.info("metrics on %s", self.metrics_server.url)
 
         self.notifier.status("loading models")
@@ -629,7 +639,9 @@ class Daemon:
             entries = [(None, token)]  # nothing to process: acked in turn, after earlier messages
         else:
             return
-        self.queue.put(entries)
+        # Never wait here: MqttIO reads no message while the queue is full (read_gate), so this
+        # one message may take it over capacity, once.
+        self.queue.put(entries, block=False)
 
     # --- worker -----------------------------------------------------------------------------
 
@@ -711,13 +723,15 @@ class Daemon:
         self.metrics.observe_batch(batch, step)
         self._sync_sensor_gauges()
         self._log_rejections(batch)
+        self._log_resets(batch)
         out = self.config.output
         for kind, incident in batch.events:
             topic = out.events_topic.replace("{sensor}", incident.sensor)
             if self.mqtt.publish(topic, event_message(kind, incident), qos=out.events_qos,
                                  expiry_s=out.message_expiry_s or None):
                 self.metrics.events_published.inc()
-            log.info("%s: sensor %s (group %s) score %.4f at %s", kind, incident.sensor, incident.group,
+            # %r: a sensor id (from a device, or a checkpoint of an older version) cannot forge a line.
+            log.info("%s: sensor %r (group %s) score %.4f at %s", kind, incident.sensor, incident.group,
                      incident.score, format_time(incident.timestamp if kind == "anomaly" else incident.end))
         if state_topic(out) is not None:
             self._publish_states(batch)
@@ -757,6 +771,17 @@ class Daemon:
         g = self.detector.active.get(self.detector.group_for(sensor).name)
         slot = None if g is None else g.sensors.get(sensor)
         return float("nan") if slot is None else float(g.last_ts[slot])
+
+    def _log_resets(self, batch) -> None:
+        # Both are counted in streamlstm_model_resets_total{reason}; the line says which sensor.
+        for group, sensor, why in batch.resets:
+            if why == "implausible_scale":
+                self.rlog.log(("reset", why), logging.WARNING, "sensor %r (group %s): its statistics were "
+                              "implausible (a huge reading?): scale and model state reset, warming up again",
+                              sensor, group)
+            elif why == "clock_jump":
+                self.rlog.log(("reset", why), logging.WARNING, "sensor %r (group %s): its clock jumped (last "
+                              "timestamp beyond detector.max_clock_skew_s): timestamps re-based", sensor, group)
 
     def _publish_states(self, batch) -> None:
         out = self.config.output
@@ -939,6 +964,8 @@ class Daemon:
             self.notifier.status("stopping: final checkpoint")
             if self.final_checkpoint():
                 log.info("final checkpoint written to %s", self.store.path)
+            else:  # the service manager must see it: the learning since the last good one is gone
+                status = EXIT_FAILURE
         self._ckpt_pool.shutdown(wait=True)
         from .status import remove_status
         try:

@@ -27,6 +27,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import make_wsgi_app
 
 from .config import ConfigError, read_secret
+from .connguard import ConnectionGuard
+from .ratelimit import RateLimitedLogger
 
 __all__ = ["Metrics", "MetricsServer", "REJECTION_REASONS", "serve"]
 
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 REJECTION_REASONS = (
     "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic", "too_large",
     "bad_timestamp", "duplicate_timestamp", "out_of_order", "sensor_cap", "wrong_arity",
-    "unavailable", "bad_line_protocol",
+    "unavailable", "bad_line_protocol", "bad_sensor_id", "clock_skew",
 )
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
@@ -96,6 +98,14 @@ class Metrics:
         self.sensor_prediction = Gauge("streamlstm_sensor_prediction",
                                        "Last prediction of a sensor, first predicted feature (opt-in).",
                                        ["group", "sensor"], registry=r)
+        self.http_connections = Gauge("streamlstm_metrics_connections",
+                                      "Open connections to this /metrics endpoint (capped).", registry=r)
+        self.http_dropped = Counter("streamlstm_metrics_connections_dropped_total",
+                                    "/metrics connections closed by the server: over_cap (the oldest, when "
+                                    "metrics.max_connections are open) or timeout (metrics.request_timeout_s).",
+                                    ["reason"], registry=r)
+        for reason in ("over_cap", "timeout"):
+            self.http_dropped.labels(reason)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
         self.per_sensor = per_sensor
@@ -236,27 +246,45 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck scraper must not hold up shutdown
-    request_timeout_s = 30.0
+    request_queue_size = 128  # listen backlog (socketserver's default of 5 drops connects under load)
+    request_timeout_s = 10.0
     ssl_context: Optional[ssl.SSLContext] = None
+    guard: Optional[ConnectionGuard] = None  # connection cap and deadline (connguard.py)
+
+    def process_request(self, request, client_address):
+        self.guard.register(request)
+        super().process_request(request, client_address)
+
+    def service_actions(self):
+        self.guard.reap()  # serve_forever calls this every poll interval
+
+    def shutdown_request(self, request):
+        self.guard.unregister(request)  # before the socket is closed (see connguard.py)
+        super().shutdown_request(request)
 
     def finish_request(self, request, client_address):
+        fd = request.fileno()
         request.settimeout(self.request_timeout_s)
-        if self.ssl_context is None:
-            return super().finish_request(request, client_address)
-        # Handshake here, in the per-request thread: wrapping the listening socket would do it in
-        # the accept loop, where one slow client blocks every scrape.
         try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.debug("metrics: TLS handshake with %s failed: %s", client_address, exc)
-            return
-        try:
-            super().finish_request(tls, client_address)
-        finally:
+            if self.ssl_context is None:
+                return super().finish_request(request, client_address)
+            # Handshake here, in the per-request thread: wrapping the listening socket would do it in
+            # the accept loop, where one slow client blocks every scrape.
             try:
-                tls.close()
-            except OSError:
-                pass
+                tls = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                log.debug("metrics: TLS handshake with %s failed: %s", client_address, exc)
+                return
+            try:
+                super().finish_request(tls, client_address)
+            finally:
+                self.guard.unregister(fd)  # wrap_socket detached `request`: by descriptor
+                try:
+                    tls.close()
+                except OSError:
+                    pass
+        finally:
+            self.guard.unregister(fd)
 
     def handle_error(self, request, client_address):
         log.debug("metrics: error serving %s", client_address, exc_info=True)
@@ -311,10 +339,12 @@ def _ssl_context(cfg) -> ssl.SSLContext:
     return ctx
 
 
-def serve(cfg, registry) -> MetricsServer:
+def serve(cfg, registry, metrics: Optional[Metrics] = None) -> MetricsServer:
     """Serve `registry` on `cfg.address:cfg.port` (a `MetricsConfig`; paths already expanded).
 
-    TLS when `tls_cert_file`/`tls_key_file` are set, basic auth when `basic_auth_user` is.
+    TLS when `tls_cert_file`/`tls_key_file` are set, basic auth when `basic_auth_user` is. At
+    most `cfg.max_connections` connections, each closed after `cfg.request_timeout_s`; with
+    `metrics`, the open connections and the dropped ones are exported.
     Raises ConfigError for unusable TLS/auth files, OSError when the port cannot be bound.
     """
     app = make_wsgi_app(registry)
@@ -325,9 +355,24 @@ def serve(cfg, registry) -> MetricsServer:
 
     family = socket.getaddrinfo(cfg.address, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
+    timeout = float(cfg.request_timeout_s)
+    rlog = RateLimitedLogger(log, 60.0)
+    why = {"over_cap": f"more than metrics.max_connections={cfg.max_connections} open",
+           "timeout": f"open longer than metrics.request_timeout_s={timeout:g}"}
+
+    def on_drop(reason: str) -> None:
+        if metrics is not None:
+            metrics.http_dropped.labels(reason).inc()
+        rlog.log(("metrics-http", reason), logging.WARNING, "metrics: closed a connection (%s): %s (a slow or "
+                 "hostile client?)", reason, why[reason])
+
+    on_count = metrics.http_connections.set if metrics is not None else None
+
     class Server(_Server):
         address_family = family
         ssl_context = ctx
+        request_timeout_s = timeout
+        guard = ConnectionGuard(cfg.max_connections, timeout, on_drop=on_drop, on_count=on_count)
 
     httpd = make_server(cfg.address, cfg.port, app, Server, handler_class=_QuietHandler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.5},

@@ -37,6 +37,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import ConfigError, read_secret
 from .ratelimit import RateLimitedLogger
+from .topics import publish_topic_problem
 
 __all__ = ["MqttIO", "AckToken", "read_password"]
 
@@ -48,6 +49,44 @@ OFFLINE = b"offline"
 # instead of growing without bound.
 MAX_OUT_QUEUE = 10_000
 MAX_INFLIGHT_OUT = 100
+MAX_PACKET_SIZE = 268435455  # MQTT's largest (variable byte integer)
+PACKET_OVERHEAD = 65535 + 4096  # topic name and properties next to the payload
+
+
+def _escaped(topic, limit: int = 200) -> str:
+    """A topic for a log line: repr (control characters escaped, one line), bounded."""
+    text = repr(topic)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+READ_GATE_WAIT_S = 0.1  # longest pause of the network loop while the gate is shut (acks, pings go on)
+
+
+class _GatedClient(paho.Client):
+    """paho client whose network thread reads one packet at a time, and none while the
+    `read_gate` is shut, instead of blocking in a callback.
+
+    paho's loop_read reads up to (outgoing + incoming in-flight messages) packets per call,
+    thousands with many retained state messages in flight, and a callback that waits for room
+    stops the whole loop: no ack, no PINGREQ, and the broker drops the session after 1.5 x
+    keepalive. Here the loop keeps turning (select, write, keepalive) while reads pause;
+    `read_gate(timeout)` waits at most `timeout` for room so a shut gate does not spin.
+    Overrides loop_read, paho's documented hook of its own network loop; it uses paho 2.x's
+    _sock / _packet_read / _loop_rc_handle as paho's own loop_read does.
+    """
+
+    read_gate: Optional[Callable[[float], bool]] = None
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        gate = self.read_gate
+        if gate is not None and not gate(READ_GATE_WAIT_S):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        rc = self._packet_read()
+        if rc > 0:
+            return self._loop_rc_handle(rc)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 class AckToken(tuple):
@@ -88,11 +127,14 @@ class MqttIO:
     def __init__(self, cfg, status_topic: str, subscriptions: Iterable[str],
                  on_message: Callable[[str, bytes, Optional[AckToken]], None], *, metrics=None,
                  receive_maximum: int = 65535, log_interval_s: float = 10.0,
-                 on_connected: Optional[Callable[[], None]] = None):
+                 on_connected: Optional[Callable[[], None]] = None,
+                 read_gate: Optional[Callable[[float], bool]] = None):
         """`cfg`: the config's `MqttConfig` (file paths already expanded). `on_message(topic,
         payload, token)` runs in paho's network thread; token is None for QoS 0 messages and
         topic None for a topic that is not UTF-8. `on_connected()` runs in the network thread after
-        every successful (re)connect, once the status is published."""
+        every successful (re)connect, once the status is published. `read_gate(timeout)`: False
+        while no message may be read (queue full; see _GatedClient); on_message must then never
+        block."""
         self.cfg = cfg
         self.status_topic = status_topic
         self._on_message_cb = on_message
@@ -112,11 +154,12 @@ class MqttIO:
         self.publish_failures = 0
 
         if self.v5:
-            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5,
-                                 manual_ack=True)
+            client = _GatedClient(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5,
+                                  manual_ack=True)
         else:
-            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv311,
-                                 clean_session=False, manual_ack=True)
+            client = _GatedClient(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv311,
+                                  clean_session=False, manual_ack=True)
+        client.read_gate = read_gate
         client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)
         client.max_queued_messages_set(MAX_OUT_QUEUE)
         client.max_inflight_messages_set(MAX_INFLIGHT_OUT)
@@ -138,8 +181,13 @@ class MqttIO:
         if self.v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = int(cfg.session_expiry_s)
-            # Bounds how many unacknowledged messages the broker pushes at us.
+            # Bounds how many unacknowledged messages the broker pushes at us: the flow control
+            # that lets the network thread never wait (daemon.py).
             props.ReceiveMaximum = max(1, min(65535, int(receive_maximum)))
+            # The broker discards larger messages instead of sending them: paho would otherwise
+            # buffer a 100 MB payload whole before the parser's size check (room for the topic
+            # and properties on top of the payload limit).
+            props.MaximumPacketSize = min(MAX_PACKET_SIZE, int(cfg.max_payload_bytes) + PACKET_OVERHEAD)
             self._connect_props = props
 
     @staticmethod
@@ -257,8 +305,14 @@ class MqttIO:
         """Publish; False (and a counted failure) when paho refuses or would drop it.
 
         While disconnected paho keeps QoS >= 1 messages (up to MAX_OUT_QUEUE) and sends them after
-        the reconnect; QoS 0 messages are lost then.
+        the reconnect; QoS 0 messages are lost then. A topic the broker would find malformed is
+        refused here: sent, it would cost the connection, and paho would re-send it after every
+        reconnect (topics.py).
         """
+        problem = publish_topic_problem(topic)
+        if problem is not None:
+            self._publish_failed(f"publish to {_escaped(topic)} refused: {problem}")
+            return False
         props = None
         if expiry_s and self.v5:
             props = Properties(PacketTypes.PUBLISH)
@@ -266,12 +320,12 @@ class MqttIO:
         try:
             info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except (ValueError, TypeError) as exc:
-            self._publish_failed(f"publish to {topic!r} refused: {exc}")
+            self._publish_failed(f"publish to {_escaped(topic)} refused: {exc}")
             return False
         rc = info.rc
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
             return True
-        self._publish_failed(f"publish to {topic!r} failed: {paho.error_string(rc)}")
+        self._publish_failed(f"publish to {_escaped(topic)} failed: {paho.error_string(rc)}")
         return False
 
     def _publish_failed(self, message: str) -> None:
@@ -323,8 +377,12 @@ class MqttIO:
 
     def _on_connect_fail(self, client, userdata):
         try:
-            self._rlog.log("connect", logging.WARNING, "cannot connect to MQTT broker %s:%d; retrying",
-                           self.cfg.host, self.cfg.port)
+            # paho calls this from its `except OSError:` around the connect: the error is still
+            # being handled, so it says why (e.g. the TLS certificate verification failure).
+            exc = sys.exc_info()[1]
+            why = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+            self._rlog.log("connect", logging.WARNING, "cannot connect to MQTT broker %s:%d%s; retrying",
+                           self.cfg.host, self.cfg.port, why)
         except Exception:  # noqa: BLE001
             self._callback_error("connect_fail")
 

@@ -53,7 +53,7 @@ __all__ = [
 # The parser's subset of the rejection reasons in docs/design.md.
 REASONS = frozenset({
     "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic",
-    "too_large", "bad_timestamp", "wrong_arity", "unavailable", "bad_line_protocol",
+    "too_large", "bad_timestamp", "wrong_arity", "unavailable", "bad_line_protocol", "bad_sensor_id",
 })
 FORMATS = ("auto", "number", "json", "batch", "influx")
 TIMESTAMP_UNITS = ("s", "ms", "us", "ns", "iso")
@@ -64,7 +64,7 @@ MAX_BATCH_READINGS = 100_000
 # RecursionError and orjson clear of its stack (3.8 segfaults near 10^5 levels), so both agree.
 MAX_JSON_DEPTH = 128
 MAX_TIMESTAMP = 32503680000.0  # 3000-01-01T00:00:00Z
-MAX_SENSOR_ID_CHARS = 1024
+MAX_SENSOR_ID_CHARS = 1024  # also the bound in UTF-8 bytes
 MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name / filter
 _DETAIL_CHARS = 80
 
@@ -93,18 +93,15 @@ def _short(value, limit: int = _DETAIL_CHARS) -> str:
 
 
 def _valid_sensor_id(sensor) -> bool:
-    # Sensor ids become topic levels of event topics: no wildcards, NUL or unencodable text.
+    # Sensor ids become levels of event topics and appear in log lines: no wildcard, no control
+    # or other non-printable character (a broker drops the connection over a control character
+    # in a topic; a newline would forge a log line), no lone surrogate, a bounded length.
     if type(sensor) is not str or not sensor or len(sensor) > MAX_SENSOR_ID_CHARS:
         return False
-    if "+" in sensor or "#" in sensor or "\x00" in sensor:
+    if "+" in sensor or "#" in sensor or not sensor.isprintable():
         return False
-    if sensor.isascii():
-        return True
-    try:
-        sensor.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    return True
+    # isprintable() already refused surrogates, so the encoding cannot fail.
+    return sensor.isascii() or len(sensor.encode("utf-8")) <= MAX_SENSOR_ID_CHARS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,7 +846,7 @@ class PayloadParser:
             if item_sensor is None:
                 item_sensor = sensor
             elif not _valid_sensor_id(item_sensor):
-                rejected.append(("missing_field", f"{sensor}: batch item {i}: invalid sensor id "
+                rejected.append(("bad_sensor_id", f"{sensor}: batch item {i}: invalid sensor id "
                                                   f"{_show(item_sensor)}"))
                 continue
             try:
@@ -864,7 +861,7 @@ class PayloadParser:
         rejected = []
         for key, raw in doc.items():
             if not _valid_sensor_id(key):
-                rejected.append(("missing_field", f"invalid sensor id {_short(key, 40)}"))
+                rejected.append(("bad_sensor_id", f"invalid sensor id {_short(key, 40)}"))
                 continue
             try:
                 t = type(raw)

@@ -67,6 +67,15 @@ def wait_for(predicate: Callable, timeout: float, step: float = 0.1, what: str =
         time.sleep(step)
 
 
+def proc_status_mib(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of /proc/PID/status in MiB (VmRSS: now, VmHWM: peak)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
 def merge(base: dict, overrides: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in overrides.items():

@@ -484,7 +484,7 @@ def test_quarantine_default_timestamp_is_utc(tmp_path):
 
 
 def test_quarantine_without_hard_links(tmp_path, monkeypatch):
-    def no_links(src, dst):
+    def no_links(src, dst, **kwargs):
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
@@ -585,3 +585,25 @@ def test_store_save_error_is_checkpoint_error(tmp_path):
 def test_store_rejects_path_like_names(tmp_path):
     with pytest.raises(ValueError):
         CheckpointStore(tmp_path, name="a/b")
+
+
+def test_a_fifo_at_the_checkpoint_path_is_moved_aside_not_waited_on(tmp_path):
+    # Opening a FIFO for reading blocks until a writer comes: start-up used to hang there.
+    store = CheckpointStore(tmp_path)
+    os.mkfifo(store.path)
+    assert store.load() is None
+    assert not store.path.exists() and len(list(tmp_path.glob("*.corrupt-*"))) == 1
+
+
+def test_a_symlinked_checkpoint_is_not_followed(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOPSECRET-0123456789")
+    (tmp_path / "state").mkdir()
+    store = CheckpointStore(tmp_path / "state")
+    store.path.symlink_to(secret)
+    with pytest.raises(CheckpointCorrupt) as err:
+        load_checkpoint(store.path)
+    assert "TOPSECRET" not in str(err.value)
+    assert store.load() is None
+    moved = list((tmp_path / "state").glob("*.corrupt-*"))
+    assert len(moved) == 1 and moved[0].is_symlink() and secret.read_bytes() == b"TOPSECRET-0123456789"

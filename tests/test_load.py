@@ -15,7 +15,8 @@ import pytest
 
 pytest.importorskip("paho.mqtt.client")
 
-from daemon_harness import Publisher, batch_payloads, daemon_config, report, wait_for  # noqa: E402
+from daemon_harness import (Publisher, batch_payloads, daemon_config, proc_status_mib, report,  # noqa: E402
+                            wait_for)
 
 BURST_READINGS = int(os.environ.get("STREAMLSTM_LOAD_READINGS", "1000000"))
 BURST_SENSORS = 10_000
@@ -30,11 +31,7 @@ SLOW_GROWTH_MIB = 64
 
 
 def vm_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return proc_status_mib(pid, "VmRSS")
 
 
 def publish(broker, items) -> tuple[Publisher, float]:
@@ -130,9 +127,10 @@ def test_slow_consumer_gets_backpressure_not_unbounded_memory(mosquitto, tmp_pat
         pub.close()
     assert s.readings == total and s.rejected == {}, s.rejected  # nothing lost, nothing dropped
     # Slower than the publisher: when the broker had everything, the daemon was far from done,
-    # and its queue was full (backpressure) but never over capacity.
+    # and its queue was full (backpressure) but never over capacity by more than the one
+    # message read while it had room (the network thread then pauses reads, it never blocks).
     assert at_acked.handled < 0.8 * total, (at_acked.handled, total)
-    assert max(depths) <= queue_size
+    assert max(depths) <= queue_size + PER_MESSAGE
     assert max(depths) >= queue_size / 2, depths
     peak = d.update_peak_rss() / 1024
     assert d.stop() == 0, d.log_tail()

@@ -2,6 +2,7 @@
 import importlib.util
 import logging
 import math
+import json
 import threading
 
 import pytest
@@ -347,15 +348,15 @@ def test_batch_array_partly_bad(backend, fmt):
                b' {"sensor": "c", "value": "x"},'        # not_a_number
                b' {"sensor": "d"},'                      # missing_field
                b' {"sensor": "e", "value": 3, "ts": -1},'  # bad_timestamp
-               b' {"sensor": "f+", "value": 4},'         # invalid id -> missing_field
-               b' {"sensor": 7, "value": 4},'            # invalid id -> missing_field
+               b' {"sensor": "f+", "value": 4},'         # invalid id -> bad_sensor_id
+               b' {"sensor": 7, "value": 4},'            # invalid id -> bad_sensor_id
                b' 5,'                                    # not an object -> bad_json
                b' {"sensor": "g", "value": 1e300, "ts": null}]')
     res = p.parse("sensors/t1", payload)
     assert res.readings == [Reading("t1", 1700000001.0, (1.0,)), Reading("b", NOW, (2.0,)),
                             Reading("g", NOW, (1e300,))]
-    assert reasons(res) == ["not_a_number", "missing_field", "bad_timestamp", "missing_field",
-                            "missing_field", "bad_json"]
+    assert reasons(res) == ["not_a_number", "missing_field", "bad_timestamp", "bad_sensor_id",
+                            "bad_sensor_id", "bad_json"]
     assert "c:" in res.rejected[0][1]
 
 
@@ -376,7 +377,7 @@ def test_batch_map_vector_and_objects(backend):
                                 b' "g+": [1, 2], "": [1, 2]}')
     assert res.readings == [Reading("a", NOW, (1.0, 2.0)), Reading("e", 1700000005.0, (1.0, 2.0))]
     assert reasons(res) == ["wrong_arity", "wrong_arity", "not_a_number", "missing_field",
-                            "missing_field", "missing_field"]
+                            "bad_sensor_id", "bad_sensor_id"]
 
 
 def test_auto_object_is_one_reading(backend):
@@ -505,7 +506,7 @@ def test_details_are_short_and_printable(backend):
     p = make(backend, format="batch")
     res = p.parse("sensors/t1", b'[{"sensor": "\\n' + b"x" * 10_000 + b'", "value": 1},'
                                 b' {"value": "' + b"y" * 10_000 + b'"}]')
-    assert reasons(res) == ["missing_field", "not_a_number"]
+    assert reasons(res) == ["bad_sensor_id", "not_a_number"]
     for _, detail in res.rejected:
         assert len(detail) < 300 and detail.isprintable()
     res = p.parse("sensors/" + "\x01" * 150, b"x")
@@ -648,3 +649,21 @@ def test_ratelimit_rejects_bad_interval():
         RateLimitedLogger(FakeLogger(), -1)
     with pytest.raises(ValueError):
         RateLimitedLogger(FakeLogger(), math.nan)
+
+
+@pytest.mark.parametrize("sensor", ["ctl\u0001x", "nl\nforged", "tab\tx", "del\u007fx", "c1\u0085x", "ls\u2028x",
+                                    "bidi\u202ex", "nonchar\ufffe", "f+", "h#", "", "x" * 1025, "\u00e9" * 513])
+def test_batch_sensor_ids_that_cannot_be_topic_levels_are_bad_sensor_id(backend, sensor):
+    # Sensor ids become event-topic levels and log text: a broker drops the connection over a
+    # control character in a topic, a newline forges a log line (issue 12, defect 1).
+    p = make(backend, format="batch")
+    for payload in (json.dumps([{"sensor": sensor, "value": 1}]), json.dumps({sensor: 1})):
+        res = p.parse("sensors/gw", payload.encode())
+        assert res.readings == [] and reasons(res) == ["bad_sensor_id"]
+        assert res.rejected[0][1].isprintable()
+
+
+def test_printable_unicode_sensor_ids_are_kept(backend):
+    p = make(backend, format="batch")
+    for sensor in ("k\u00fchlhaus/t 1", "\u6e29\u5ea6", "a" * 1024, "\u00e9" * 512):
+        assert one(p.parse("sensors/gw", json.dumps({sensor: 1}).encode())).sensor == sensor

@@ -16,6 +16,7 @@ from .group import OK, BatchResult, GroupDetector
 from .settings import DetectorSettings
 
 WEIGHTS = ("shared", "per_sensor")
+ROUTE_CACHE_FACTOR = 2  # the routing cache holds at most this many times max_sensors ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,10 @@ class Detector:
         g = self._route.get(sensor)
         if g is None:
             g = next(g for g in self.groups if fnmatch.fnmatchcase(sensor, g.match))
+            # Bounded: ids refused by the sensor cap (or hostile ones) must not grow it for ever.
+            # Over the bound it starts again; the known sensors fill it back in one pass.
+            if len(self._route) >= ROUTE_CACHE_FACTOR * self.max_sensors:
+                self._route.clear()
             self._route[sensor] = g
         return g
 
@@ -215,9 +220,26 @@ class Detector:
             det = GroupDetector(name, group.spec(width), group.detector, group.weights == "shared",
                                 self.backend_factory(name))
             prefix = f"{name}/"
-            det.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, m)
+            mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            _check_per_sensor_shapes(name, mine, m)
+            det.load_state_dict(mine, m)
             self.active[name] = det
         self._route.clear()
+
+
+def _check_per_sensor_shapes(group: str, arrays: dict, meta: dict) -> None:
+    """ValueError unless every per-sensor array has one row per listed sensor: a crafted file
+    with a valid checksum would otherwise broadcast one row (e.g. a last timestamp) to all."""
+    names = meta.get("sensors")
+    if not isinstance(names, list) or not all(type(x) is str for x in names) or len(set(names)) != len(names):
+        raise ValueError(f"group {group!r}: the sensor list is not a list of distinct ids")
+    n = len(names)
+    for key, arr in arrays.items():
+        if key.startswith(("bank.", "seasonal.")):
+            continue  # model weights / profiles: shapes checked by their own loaders
+        if getattr(arr, "ndim", 0) < 1 or arr.shape[0] != n:
+            raise ValueError(f"group {group!r}: array {key!r} has shape {getattr(arr, 'shape', None)}, "
+                             f"expected {n} rows (one per sensor)")
 
 
 @dataclasses.dataclass(frozen=True)

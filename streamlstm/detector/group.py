@@ -14,6 +14,7 @@ import numpy as np
 
 from ..bank import ModelBank
 from ..spec import ModelSpec
+from .clock import ClockGuard
 from .incidents import Incident, IncidentFilter
 from .scaling import FixedScaler, RunningScaler
 from .scores import (HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, PeakReference, StuckScorer,
@@ -76,6 +77,7 @@ class GroupDetector:
         self.settings = settings
         self.shared = shared
         self.bank = ModelBank(spec, shared, backend)
+        self.clock = ClockGuard(settings.max_clock_skew_s, settings.clock_jump_readings)
         self.sensors: dict[str, int] = {}
         self.names: list[str] = []
         I, O = spec.input_size, spec.output_size
@@ -168,14 +170,18 @@ class GroupDetector:
 
     def _round(self, idx, slots, ts, values, out: BatchResult):
         s = self.settings
+        skew, rebased = self.clock.check(slots, ts, self.last_ts, self.interval)  # clock.py
+        out.resets.extend((self.names[slot], "clock_jump") for slot in slots[rebased])
         last = self.last_ts[slots]
-        dup = ts == last
-        late = ts < last
+        dup = (ts == last) & ~skew
+        late = (ts < last) & ~skew
+        for i in idx[skew]:
+            out.reason[i] = "clock_skew"
         for i in idx[dup]:
             out.reason[i] = "duplicate_timestamp"
         for i in idx[late]:
             out.reason[i] = "out_of_order"
-        keep = ~(dup | late)
+        keep = ~(dup | late | skew)
         idx, slots, ts, values = idx[keep], slots[keep], ts[keep], values[keep]
         if len(idx) == 0:
             return
@@ -248,7 +254,7 @@ class GroupDetector:
         t0 = time.perf_counter()
         result = self.bank.step(slots, z, np.where(learn, weight, 0.0))
         self.kernel_seconds += time.perf_counter() - t0
-        self.scaler.update(slots, values, np.where(suspicious, 0.0, 1.0))
+        implausible = self.scaler.update(slots, values, np.where(suspicious, 0.0, 1.0))
         # What normal distance looks like is never learnt from an open incident: the incident
         # stays open while the sensor is away from the normal it had before (the scale stops
         # learning then too), until it returns or accept_after makes the new level normal.
@@ -292,6 +298,10 @@ class GroupDetector:
         for k in np.flatnonzero(result.status == 1):
             out.resets.append((self.names[slots[k]], "non_finite_state"))
             self._reset(slots[k])
+        for k in np.flatnonzero(implausible):  # the scaler reset itself (scaling.py): warm up again
+            out.resets.append((self.names[slots[k]], "implausible_scale"))
+            self._reset(slots[k])
+            self.seen[slots[k]] = 0
         self._events(slots, ts, values, prediction, residual, score, opened, closed, accepted, fired, is_anomaly, out)
 
     def _baseline_count(self, slots):

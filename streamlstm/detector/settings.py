@@ -46,6 +46,8 @@ class DetectorSettings:
     seasonal_max_bins: int = 2016
     peak_memory: int = 2000
     accept_after: int = 1000
+    max_clock_skew_s: float = 86400.0
+    clock_jump_readings: int = 20
 
     def __post_init__(self):
         if self.scaling not in SCALINGS:
