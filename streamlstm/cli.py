@@ -180,6 +180,17 @@ def _group_threshold(detector, sensor: str) -> float:
     return float(det.threshold) if det is not None else float(g.detector.threshold)
 
 
+def _read_series(command: str, path: pathlib.Path):
+    """(seconds, stamps, values) of a CSV series, or None after saying why it cannot be read."""
+    from . import replay
+
+    try:
+        return replay.read_series(path)
+    except (OSError, ValueError) as exc:
+        print(f"streamlstm {command}: cannot read {path}: {exc}", file=sys.stderr)
+        return None
+
+
 def _replay(args) -> int:
     import numpy as np
 
@@ -188,11 +199,10 @@ def _replay(args) -> int:
 
     config = _load(args.config)
     path = pathlib.Path(args.file)
-    try:
-        seconds, stamps, values = replay.read_series(path)
-    except (OSError, ValueError) as exc:
-        print(f"streamlstm replay: cannot read {path}: {exc}", file=sys.stderr)
+    series = _read_series("replay", path)
+    if series is None:
         return EXIT_FAILURE
+    seconds, stamps, values = series
     windows = None
     if args.labels:
         all_windows = nab.load_windows(args.labels)
@@ -266,18 +276,17 @@ def _evaluate(args) -> int:
 
 
 def _fit(args) -> int:
-    from . import evaluation, replay
+    from . import evaluation
     from .checkpoint import CheckpointStore
     from .daemon import checkpoint_meta, restore_detector
     from .factory import build_detector
 
     config = _load(args.config)
     path = pathlib.Path(args.history)
-    try:
-        seconds, _, values = replay.read_series(path)
-    except (OSError, ValueError) as exc:
-        print(f"streamlstm fit: cannot read {path}: {exc}", file=sys.stderr)
+    series = _read_series("fit", path)
+    if series is None:
         return EXIT_FAILURE
+    seconds, _, values = series
     store = CheckpointStore(config.checkpoint.directory)
     # Continue from the checkpoint `run` would load: several sensors can be fitted in turn.
     detector, _ = restore_detector(config, store, build_detector)
