@@ -27,6 +27,7 @@ import os
 import ssl
 import sys
 import threading
+import time
 from typing import Callable, Iterable, Optional
 
 import paho.mqtt.client as paho
@@ -76,13 +77,23 @@ class _GatedClient(paho.Client):
     """
 
     read_gate: Optional[Callable[[float], bool]] = None
+    # paho closes the connection when no packet was *read* for a keepalive after its PINGREQ:
+    # a gate shut that long still lets one packet through (at worst one message over the bound
+    # per interval, while the worker is stalled; the watchdog ends a long stall).
+    force_read_after_s: float = 5.0
+    _shut_since: Optional[float] = None
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         if self._sock is None:
             return MQTTErrorCode.MQTT_ERR_NO_CONN
         gate = self.read_gate
         if gate is not None and not gate(READ_GATE_WAIT_S):
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
+            now = time.monotonic()
+            if self._shut_since is None:
+                self._shut_since = now
+            if now - self._shut_since < self.force_read_after_s:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._shut_since = None
         rc = self._packet_read()
         if rc > 0:
             return self._loop_rc_handle(rc)
@@ -160,6 +171,8 @@ class MqttIO:
             client = _GatedClient(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv311,
                                   clean_session=False, manual_ack=True)
         client.read_gate = read_gate
+        if cfg.keepalive_s > 0:
+            client.force_read_after_s = cfg.keepalive_s / 2.0
         client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)
         client.max_queued_messages_set(MAX_OUT_QUEUE)
         client.max_inflight_messages_set(MAX_INFLIGHT_OUT)

@@ -4,6 +4,7 @@ re-basing (defect 3), the bounded routing cache (defect 5a)."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -140,3 +141,27 @@ def test_a_checkpoint_whose_per_sensor_arrays_do_not_fit_its_sensors_is_refused(
     crafted["default/last_ts"] = arrays["default/last_ts"][:1] + 1e12  # one row for three sensors
     with pytest.raises(ValueError, match="last_ts"):
         build_detector(cfg).load_state_dict(crafted, meta)
+
+
+def test_a_shut_read_gate_still_reads_one_packet_per_half_keepalive():
+    # Without any read for a keepalive after its PINGREQ, paho drops the connection itself.
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from streamlstm.mqtt_io import _GatedClient
+
+    reads = []
+    c = _GatedClient(CallbackAPIVersion.VERSION2, client_id="t")
+    c._sock = object()  # "connected": loop_read only looks at it
+    c._packet_read = lambda: reads.append(1) or 0
+    c.read_gate = lambda timeout: False
+    c.force_read_after_s = 0.2
+    for _ in range(3):
+        c.loop_read()
+    assert reads == []
+    time.sleep(0.25)
+    c.loop_read()
+    assert reads == [1]
+    c.read_gate = lambda timeout: True
+    c.loop_read()
+    assert reads == [1, 1]
+    c._sock = None  # not a socket: paho's __del__ would try to close it

@@ -244,3 +244,15 @@ def test_wrong_key_passphrase_is_a_config_error_naming_the_key(pki, tmp_path, da
     assert WRONG_KEY_PASSPHRASE not in log and KEY_PASSPHRASE not in log
     # the operator is sent to the key password, not to the certificate
     assert re.search(r"mqtt\.tls\.key_(password_)?file", log), log
+
+
+def test_wrong_broker_ca_is_logged_with_the_verification_reason(mosquitto_factory, pki, tmp_path, daemons):
+    # The connect-failure line used to say only "cannot connect"; it names the TLS error now.
+    other = make_pki(tmp_path / "other-ca")
+    broker, tls_port = tls_broker(mosquitto_factory, pki)
+    tls = dict(mutual_tls(pki), ca_file=str(other.ca_cert))
+    d = daemons(tmp_path, daemon_config(tls_port, tmp_path, mqtt={"tls": tls})).start()
+    wait_for(lambda: "cannot connect" in d.log_text(), 90, what="a connect-failure line")
+    assert d.alive(), d.log_tail()
+    assert re.search(r"cannot connect to MQTT broker [^\n]*CERTIFICATE_VERIFY_FAILED", d.log_text()), d.log_tail()
+    assert d.stop() == 0, d.log_tail()
