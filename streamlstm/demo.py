@@ -147,7 +147,7 @@ def daemon_config(*, mqtt_port: int, protocol: str, metrics_port: int, state_dir
         # are sized for these, and the demo should not change when the defaults are retuned.
         "model": {"hidden_size": 16, "window": 16, "optimizer": "sgd", "learning_rate": 0.2, "seed": seed},
         "detector": {
-            "threshold": 0.5,
+            "threshold": 0.6,                         # the default: with the range channel 0.5 raised false events
             "warmup": warm,
             "scaling_warmup": max(10, warm // 4),
             "short_window": 3,                        # short anomalies (spikes) must not be smoothed away

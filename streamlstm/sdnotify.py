@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SdNotifier", "parse_notify_socket"]
 
+SEND_TIMEOUT_S = 2.0  # longest wait for room on the notify socket before a message is dropped
+
 
 def parse_notify_socket(value: str | None) -> str | bytes | None:
     """``$NOTIFY_SOCKET`` -> address for ``socket.sendto``; None when unset/unusable.
@@ -72,6 +74,9 @@ class SdNotifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # A datagram to a receiver whose queue is full blocks: a notify socket nobody
+                    # drains must cost a dropped message, never a hung worker or shutdown.
+                    self._sock.settimeout(SEND_TIMEOUT_S)
                 self._sock.sendto(data, self._address)
                 return True
             except OSError as exc:

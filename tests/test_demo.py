@@ -216,7 +216,7 @@ def test_daemon_config_is_valid_and_fits_the_pace(tmp_path, rate, duration, prot
     assert (c.mqtt.host, c.mqtt.port, c.mqtt.protocol) == ("127.0.0.1", 1884, protocol)
     assert [i.topic for i in c.inputs] == ["plant/{sensor}"] and c.inputs[0].timestamp_field == "ts"
     assert (c.model.hidden_size, c.model.window) == (16, 16)
-    assert c.detector.threshold == 0.5  # pinned: the plant's anomalies are sized for it
+    assert c.detector.threshold == 0.6  # pinned: the plant's anomalies are sized for it
     assert (c.metrics.enabled, c.metrics.port) == (True, 9999)
     assert c.checkpoint.directory == str(tmp_path / "state")
     assert c.output.events_topic == demo.EVENTS_TOPIC and c.output.status_topic == demo.STATUS_TOPIC

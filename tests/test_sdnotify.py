@@ -128,6 +128,19 @@ def test_send_errors_never_raise(tmp_path, caplog):
     assert SdNotifier({"NOTIFY_SOCKET": "@" + uuid.uuid4().hex}).ready() is False
 
 
+def test_a_listener_that_never_reads_costs_dropped_messages_not_a_hang(path_socket, monkeypatch):
+    # A datagram socket's queue is small (net.unix.max_dgram_qlen): once it is full a blocking
+    # send waits for ever. That froze the daemon's shutdown when a test harness stopped reading.
+    import streamlstm.sdnotify as sdnotify
+
+    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT_S", 0.05)
+    path, _sock = path_socket  # bound, never read
+    n = SdNotifier({"NOTIFY_SOCKET": path})
+    results = [n.watchdog() for _ in range(60)]
+    assert results[0] is True
+    assert False in results  # the queue filled up: later messages were dropped, not waited on
+
+
 def test_recovers_after_listener_appears(tmp_path):
     path = str(tmp_path / "late.sock")
     n = SdNotifier({"NOTIFY_SOCKET": path})
