@@ -17,7 +17,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .daemon import package_version
+    from .version import package_version
 
     p = argparse.ArgumentParser(prog="streamlstm", description="Online LSTM anomaly detection for MQTT sensor streams.")
     p.add_argument("--version", action="version", version=f"streamlstm {package_version()}")
@@ -278,8 +278,8 @@ def _evaluate(args) -> int:
 def _fit(args) -> int:
     from . import evaluation
     from .checkpoint import CheckpointStore
-    from .daemon import checkpoint_meta, restore_detector
     from .factory import build_detector
+    from .restore import checkpoint_meta, restore_detector
 
     config = _load(args.config)
     path = pathlib.Path(args.history)

@@ -44,22 +44,21 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import CheckpointError, CheckpointStore, quarantine
+from .checkpoint import CheckpointError, CheckpointStore
 from .config import ConfigError, load_config
 from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
 from .messages import event_message, format_time, state_message
 from .payload import InputSpec, ParseResult, PayloadParser
 from .reading_queue import ReadingQueue
+from .restore import MOVED_ASIDE, RESTORED, checkpoint_meta, restore_detector
+from .version import package_version
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "Daemon", "ReloadRefused", "checkpoint_meta", "configure_logging",
-    "expand_paths", "package_version", "run", "warm_kernels",
+    "Daemon", "ReloadRefused", "configure_logging", "expand_paths", "run", "warm_kernels",
 ]
 
 log = logging.getLogger("streamlstm")
 
-CHECKPOINT_FORMAT = "streamlstm-daemon"
-CHECKPOINT_FORMAT_VERSION = 1
 DRAIN_TIMEOUT_S = 60.0        # SIGTERM: longest drain before the final checkpoint (TimeoutStopSec=120)
 IDLE_WAKE_S = 0.5             # worker wakes at least this often (watchdog, checkpoints, reloads)
 STATE_MIN_INTERVAL_S = 1.0    # per-sensor state topic: at most one message per second unless the flag flips
@@ -68,14 +67,6 @@ STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py) 
 STATUS_FILE_SENSORS_PER_S = 2000  # ... but less often with many sensors (100k: every 50 s)
 RELOAD_TIMEOUT_S = 120.0
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-        return version("streamlstm")
-    except (ImportError, PackageNotFoundError):
-        return "0+unknown"
 
 
 # --------------------------------------------------------------------------------- config paths
@@ -135,57 +126,6 @@ def input_specs(config) -> list:
                       fields=i.fields, exclude_fields=i.exclude_fields, sensor_name=i.sensor_name,
                       timestamp_tz=i.timestamp_tz)
             for i in config.inputs]
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-def model_shapes(config) -> dict:
-    """What must match for a checkpoint to be reusable, per configured group (for humans)."""
-    return {g.name: {"weights": g.weights, "hidden_size": g.model.hidden_size, "num_layers": g.model.num_layers,
-                     "window": g.model.window, "dtype": g.model.dtype, "target_feature": g.model.target_feature}
-            for g in config.groups}
-
-
-def checkpoint_meta(config, detector_meta: dict, last_scores: Optional[dict] = None) -> dict:
-    # last_scores: for `streamlstm status` while the daemon is down (the detector keeps no scores).
-    return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-            "streamlstm_version": package_version(), "saved_at": time.time(),
-            "config_shape": model_shapes(config), "detector": detector_meta,
-            "last_scores": {k: (v if math.isfinite(v) else None) for k, v in (last_scores or {}).items()}}
-
-
-RESTORED, FRESH, MOVED_ASIDE = "restored", "fresh", "moved aside"
-
-
-def restore_detector(config, store: CheckpointStore, build):
-    """(detector, outcome) from the store: RESTORED, FRESH (no checkpoint) or MOVED_ASIDE (an
-    unusable checkpoint was quarantined -> cold start).
-
-    CheckpointError other than corrupt/incompatible (e.g. permission denied) propagates.
-    """
-    detector = build(config)
-    existed = store.path.exists()
-    loaded = store.load()  # moves a corrupt or incompatible file aside itself
-    if loaded is None:
-        return detector, MOVED_ASIDE if existed else FRESH
-    arrays, meta = loaded
-    problem = None
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        problem = f"not a {CHECKPOINT_FORMAT} v{CHECKPOINT_FORMAT_VERSION} checkpoint (meta format " \
-                  f"{meta.get('format')!r} v{meta.get('format_version')!r})"
-    else:
-        try:
-            detector.load_state_dict(arrays, meta["detector"])
-        except Exception as exc:  # noqa: BLE001 - any unusable content: keep it aside, start fresh
-            problem = f"does not fit the configured models: {type(exc).__name__}: {exc}"
-    if problem is None:
-        return detector, RESTORED
-    try:
-        moved = quarantine(store.path)
-        log.error("checkpoint %s %s; moved to %s, cold start", store.path, problem, moved)
-    except CheckpointError as exc:
-        log.error("checkpoint %s %s; cold start (and: %s)", store.path, problem, exc)
-    return build(config), MOVED_ASIDE
 
 
 # ---------------------------------------------------------------------------------------- warm-up

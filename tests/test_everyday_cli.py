@@ -44,7 +44,7 @@ def publish(broker, items):
 
 
 def test_version():
-    from streamlstm.daemon import package_version
+    from streamlstm.version import package_version
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"streamlstm {package_version()}"
 
