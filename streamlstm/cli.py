@@ -159,7 +159,8 @@ def _status(args) -> int:
 
 def _warmup(args) -> int:
     from .backend import BackendUnavailable
-    from .daemon import configure_logging, warm_kernels
+    from .daemon import configure_logging
+    from .warmup import warm_kernels
 
     configure_logging("WARNING")
     config = _load(args.config)
