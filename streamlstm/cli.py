@@ -1,7 +1,6 @@
 """Command line: ``streamlstm run | check-config | status | warmup | replay | evaluate | fit | demo``.
 
-Exit status 2 means a configuration problem (the systemd unit does not restart on it); the
-message names the key path and no traceback is printed.
+Exit statuses and configuration errors: errors.py.
 """
 from __future__ import annotations
 
@@ -12,8 +11,7 @@ import sys
 import time
 
 from .config import ConfigError, load_config, parse_config
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,11 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_error(path, exc: ConfigError) -> int:
-    print(f"streamlstm: configuration error in {path}:\n{exc}", file=sys.stderr)
-    return EXIT_CONFIG
-
-
 def _load(path):
     return parse_config(None) if path is None else load_config(path)
 
@@ -104,7 +97,7 @@ def main(argv=None) -> int:
         if cmd == "demo":
             return _demo(args.args)
     except ConfigError as exc:
-        return _config_error(getattr(args, "config", None) or "(defaults)", exc)
+        return config_error(getattr(args, "config", None) or "(defaults)", exc)
     except KeyboardInterrupt:
         return 130
     raise AssertionError(cmd)  # pragma: no cover - argparse only lets known commands through
@@ -124,9 +117,9 @@ def _check_config(args) -> int:
         notes: list = []
         preflight(config, notes=notes)  # the files and directories `run` needs, as `run` checks them
     except ConfigError as exc:
-        return _config_error(path, exc)
+        return config_error(path, exc)
     except ValueError as exc:
-        return _config_error(path, ConfigError("inputs", str(exc)))
+        return config_error(path, ConfigError("inputs", str(exc)))
     groups = ", ".join(f"{g.name} ({g.match})" for g in config.groups)
     for note in notes:
         print(f"note: {note}")
@@ -159,7 +152,7 @@ def _status(args) -> int:
 
 def _warmup(args) -> int:
     from .backend import BackendUnavailable
-    from .daemon import configure_logging
+    from .logfmt import configure_logging
     from .warmup import warm_kernels
 
     configure_logging("WARNING")
@@ -168,7 +161,7 @@ def _warmup(args) -> int:
     try:
         timings = warm_kernels(config)
     except BackendUnavailable as exc:
-        return _config_error(args.config or "(defaults)", ConfigError("backend.kind", str(exc)))
+        return config_error(args.config or "(defaults)", ConfigError("backend.kind", str(exc)))
     for group, seconds in timings.items():
         print(f"group {group}: kernels ready in {seconds:.1f} s")
     print(f"warmup done in {time.perf_counter() - t0:.1f} s")

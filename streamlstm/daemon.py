@@ -37,14 +37,15 @@ import math
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from typing import Optional
 
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import ConfigError, load_config
+from .errors import EXIT_FAILURE, EXIT_OK, config_error
 from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
+from .logfmt import configure_logging
 from .messages import event_message, format_time, state_message
 from .payload import InputSpec, ParseResult, PayloadParser
 from .reading_queue import ReadingQueue
@@ -53,7 +54,7 @@ from .version import package_version
 from .warmup import warm_kernels
 
 __all__ = [
-    "Daemon", "ReloadRefused", "configure_logging", "expand_paths", "run",
+    "Daemon", "ReloadRefused", "expand_paths", "run",
 ]
 
 log = logging.getLogger("streamlstm")
@@ -65,7 +66,6 @@ STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
 STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py) ...
 STATUS_FILE_SENSORS_PER_S = 2000  # ... but less often with many sensors (100k: every 50 s)
 RELOAD_TIMEOUT_S = 120.0
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------- config paths
@@ -125,22 +125,6 @@ def input_specs(config) -> list:
                       fields=i.fields, exclude_fields=i.exclude_fields, sensor_name=i.sensor_name,
                       timestamp_tz=i.timestamp_tz)
             for i in config.inputs]
-
-
-# ----------------------------------------------------------------------------------------- logging
-
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Log lines to stderr (logfmt.py: text or JSON; journald priority prefixes under systemd)."""
-    from .logfmt import make_formatter
-
-    root = logging.getLogger()
-    handler = next((h for h in root.handlers if getattr(h, "_streamlstm", False)), None)
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler._streamlstm = True
-        root.addHandler(handler)
-    handler.setFormatter(make_formatter(fmt))
-    root.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------- daemon
@@ -730,14 +714,12 @@ def run(config_path: str) -> int:
         from .preflight import preflight
         config = preflight(load_config(config_path))  # the same checks as `check-config`
     except ConfigError as exc:
-        print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(config_path, exc)
     configure_logging(config.logging.level, "json" if config.logging.json else "text")
     try:
         daemon = Daemon(config, config_path)
     except ValueError as exc:  # inputs the parser refuses although the schema accepted them
-        print(f"streamlstm: configuration error in {config_path}:\ninputs: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(config_path, f"inputs: {exc}")
     handlers = {}
     for sig, fn in ((signal.SIGTERM, daemon.request_stop), (signal.SIGINT, daemon.request_stop),
                     (signal.SIGHUP, daemon.request_reload)):
@@ -745,14 +727,12 @@ def run(config_path: str) -> int:
     try:
         return daemon.run()
     except ConfigError as exc:
-        print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(config_path, exc)
     except Exception as exc:  # backend unavailable, port in use, ...
         from .backend import BackendUnavailable
 
         if isinstance(exc, BackendUnavailable):
-            print(f"streamlstm: configuration error in {config_path}:\nbackend.kind: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+            return config_error(config_path, f"backend.kind: {exc}")
         log.critical("cannot run: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return EXIT_FAILURE
     finally:
