@@ -100,8 +100,8 @@ def write_series(path, values, t0=1_600_000_000, dt=60):
 def test_fit_writes_the_checkpoint_run_starts_from(tmp_path, capsys):
     from streamlstm.checkpoint import CheckpointStore
     from streamlstm.config import load_config
-    from streamlstm.restore import RESTORED, restore_detector
     from streamlstm.factory import build_detector
+    from streamlstm.restore import RESTORED, restore_detector
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"checkpoint: {{directory: {tmp_path / 'state'}}}\n"
