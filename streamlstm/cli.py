@@ -176,7 +176,7 @@ def _group_threshold(detector, sensor: str) -> float:
 
 def _read_series(command: str, path: pathlib.Path):
     """(seconds, stamps, values) of a CSV series, or None after saying why it cannot be read."""
-    from . import replay
+    from .tools import replay
 
     try:
         return replay.read_series(path)
@@ -188,7 +188,7 @@ def _read_series(command: str, path: pathlib.Path):
 def _replay(args) -> int:
     import numpy as np
 
-    from . import nab, replay
+    from .tools import nab, replay
     from .factory import build_detector
 
     config = _load(args.config)
@@ -238,7 +238,7 @@ def _replay(args) -> int:
 def _evaluate(args) -> int:
     import json
 
-    from . import evaluation, nab
+    from .tools import evaluation, nab
 
     config = _load(args.config)
     if args.dir is None and args.skab is None:
@@ -270,7 +270,7 @@ def _evaluate(args) -> int:
 
 
 def _fit(args) -> int:
-    from . import evaluation
+    from .tools import evaluation
     from .checkpoint import CheckpointStore
     from .factory import build_detector
     from .restore import checkpoint_meta, restore_detector
@@ -296,7 +296,7 @@ def _fit(args) -> int:
 
 def _demo(argv) -> int:
     try:
-        from . import demo
+        from .tools import demo
     except ImportError as exc:
         print(f"streamlstm demo is not available: {exc}", file=sys.stderr)
         return EXIT_FAILURE

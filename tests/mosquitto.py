@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 
-from streamlstm.broker import find_mosquitto, free_port, mosquitto_config
+from streamlstm.tools.broker import find_mosquitto, free_port, mosquitto_config
 
 __all__ = ["Mosquitto", "MosquittoError", "find_mosquitto", "free_port"]
 

@@ -1,4 +1,4 @@
-"""streamlstm.evaluation and `streamlstm evaluate / fit`: leave-one-category-out, SKAB's
+"""streamlstm.tools.evaluation and `streamlstm evaluate / fit`: leave-one-category-out, SKAB's
 measures, change-point windows, warm start from history."""
 import json
 import pathlib
@@ -6,9 +6,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from streamlstm import evaluation as ev
-from streamlstm import nab
 from streamlstm.cli import main
+from streamlstm.tools import evaluation as ev
+from streamlstm.tools import nab
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
 T0 = np.datetime64("2020-01-01T00:00:00", "us")
