@@ -19,11 +19,10 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import time
 
-from streamlstm.tools.broker import find_mosquitto, free_port, mosquitto_config
+from streamlstm.tools.broker import find_mosquitto, free_port, mosquitto_config, port_accepts
 
 __all__ = ["Mosquitto", "MosquittoError", "find_mosquitto", "free_port"]
 
@@ -128,7 +127,7 @@ class Mosquitto:
             if self.proc.poll() is not None:
                 raise MosquittoError(
                     f"mosquitto exited with {self.proc.returncode} during start-up:\n{self.log_text()}")
-            if all(_accepts(self.host, p) for p in ports):
+            if all(port_accepts(self.host, p) for p in ports):
                 return
             if time.monotonic() > deadline:
                 self.kill()
@@ -190,11 +189,3 @@ class Mosquitto:
 
     def __repr__(self) -> str:
         return f"Mosquitto({self.url}, running={self.running})"
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
