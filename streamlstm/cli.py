@@ -110,9 +110,9 @@ def _check_config(args) -> int:
         return EXIT_CONFIG
     try:
         config = load_config(path)
-        from .daemon import input_specs
         from .payload import PayloadParser
         from .preflight import preflight
+        from .runtime_config import input_specs
         PayloadParser(input_specs(config))
         notes: list = []
         preflight(config, notes=notes)  # the files and directories `run` needs, as `run` checks them
@@ -130,7 +130,7 @@ def _check_config(args) -> int:
 def _status(args) -> int:
     import json
 
-    from .daemon import expand_paths
+    from .runtime_config import expand_paths
     from .status import format_status, read_status
 
     config = expand_paths(load_config(args.config))

@@ -34,8 +34,6 @@ import dataclasses
 import faulthandler
 import logging
 import math
-import os
-import re
 import signal
 import threading
 import time
@@ -47,14 +45,15 @@ from .errors import EXIT_FAILURE, EXIT_OK, config_error
 from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
 from .logfmt import configure_logging
 from .messages import event_message, format_time, state_message
-from .payload import InputSpec, ParseResult, PayloadParser
+from .payload import ParseResult, PayloadParser
 from .reading_queue import ReadingQueue
 from .restore import MOVED_ASIDE, RESTORED, checkpoint_meta, restore_detector
+from .runtime_config import expand_paths, input_specs
 from .version import package_version
 from .warmup import warm_kernels
 
 __all__ = [
-    "Daemon", "ReloadRefused", "expand_paths", "run",
+    "Daemon", "ReloadRefused", "run",
 ]
 
 log = logging.getLogger("streamlstm")
@@ -66,65 +65,6 @@ STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
 STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py) ...
 STATUS_FILE_SENSORS_PER_S = 2000  # ... but less often with many sensors (100k: every 50 s)
 RELOAD_TIMEOUT_S = 120.0
-
-
-# --------------------------------------------------------------------------------- config paths
-
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-# File-path settings that may use ${CREDENTIALS_DIRECTORY} (systemd LoadCredential=) or $VARS.
-PATH_KEYS = (
-    ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"), ("mqtt", "tls", "cert_file"),
-    ("mqtt", "tls", "key_file"), ("mqtt", "tls", "key_password_file"), ("metrics", "tls_cert_file"),
-    ("metrics", "tls_key_file"), ("metrics", "basic_auth_password_file"), ("checkpoint", "directory"),
-)
-
-
-def _expand(value: str, key: str, env) -> str:
-    def sub(m):
-        name = m.group(1) or m.group(2)
-        got = env.get(name)
-        if got is None:
-            hint = " (set by systemd's LoadCredential=; outside systemd set it yourself)" \
-                if name == "CREDENTIALS_DIRECTORY" else ""
-            raise ConfigError(key, f"environment variable ${name} used in {value!r} is not set{hint}")
-        return got
-    return _VAR.sub(sub, value)
-
-
-def expand_paths(config, env=None):
-    """Config with ``$VAR`` / ``${VAR}`` expanded in file-path settings; ConfigError (key path)
-    when a variable is unset."""
-    env = os.environ if env is None else env
-    errors = []
-    for keys in PATH_KEYS:
-        obj = config
-        for k in keys:
-            obj = getattr(obj, k)
-        if obj is None or "$" not in obj:
-            continue
-        try:
-            value = _expand(obj, ".".join(keys), env)
-        except ConfigError as e:
-            errors.extend(e.errors)
-            continue
-        config = _replace_path(config, keys, value)
-    if errors:
-        raise ConfigError("", errors=errors)
-    return config
-
-
-def _replace_path(obj, keys, value):
-    if len(keys) == 1:
-        return dataclasses.replace(obj, **{keys[0]: value})
-    return dataclasses.replace(obj, **{keys[0]: _replace_path(getattr(obj, keys[0]), keys[1:], value)})
-
-
-def input_specs(config) -> list:
-    return [InputSpec(topic=i.topic, format=i.format, value_fields=i.value_fields, timestamp_field=i.timestamp_field,
-                      timestamp_unit=i.timestamp_unit, max_payload_bytes=config.mqtt.max_payload_bytes,
-                      fields=i.fields, exclude_fields=i.exclude_fields, sensor_name=i.sensor_name,
-                      timestamp_tz=i.timestamp_tz)
-            for i in config.inputs]
 
 
 # ----------------------------------------------------------------------------------------- daemon

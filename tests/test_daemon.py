@@ -23,13 +23,13 @@ from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5  # noqa: E402
 from mosquitto import free_port  # noqa: E402
 from streamlstm.checkpoint import load_checkpoint  # noqa: E402
 from streamlstm.config import ConfigError, load_config, parse_config  # noqa: E402
-from streamlstm.daemon import expand_paths  # noqa: E402
 from streamlstm.detector.detector import _Reading  # noqa: E402
 from streamlstm.detector.incidents import Incident  # noqa: E402
 from streamlstm.factory import build_detector  # noqa: E402
 from streamlstm.messages import event_message  # noqa: E402
 from streamlstm.mqtt_io import read_password  # noqa: E402
 from streamlstm.reading_queue import ReadingQueue  # noqa: E402
+from streamlstm.runtime_config import expand_paths  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 T0 = 1.7e9  # reading timestamps: T0 + i seconds
