@@ -39,22 +39,30 @@ import threading
 import time
 from typing import Optional
 
+from prometheus_client import CollectorRegistry
+
+from .backend import BackendUnavailable, make_backend
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import ConfigError, load_config
 from .errors import EXIT_FAILURE, EXIT_OK, config_error
+from .factory import build_detector, group_configs
 from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
 from .logfmt import configure_logging
 from .messages import event_message, format_time, state_message
+from .metrics import Metrics, serve
+from .mqtt_io import MqttIO
 from .payload import ParseResult, PayloadParser
+from .preflight import preflight
+from .ratelimit import RateLimitedLogger
 from .reading_queue import ReadingQueue
 from .restore import MOVED_ASIDE, RESTORED, checkpoint_meta, restore_detector
 from .runtime_config import expand_paths, input_specs
+from .sdnotify import SdNotifier
+from .status import detector_rows, remove_status, write_status
 from .version import package_version
 from .warmup import warm_kernels
 
-__all__ = [
-    "Daemon", "ReloadRefused", "run",
-]
+__all__ = ["Daemon", "ReloadRefused", "run"]
 
 log = logging.getLogger("streamlstm")
 
@@ -105,11 +113,6 @@ class Daemon:
     """One running pipeline. `run()` blocks until stopped and returns the exit status."""
 
     def __init__(self, config, config_path: Optional[str] = None, *, notifier=None, registry=None):
-        from prometheus_client import CollectorRegistry
-
-        from .ratelimit import RateLimitedLogger
-        from .sdnotify import SdNotifier
-
         self.config = config
         self.config_path = config_path
         self.notifier = notifier if notifier is not None else SdNotifier()
@@ -154,11 +157,6 @@ class Daemon:
     # --- start-up --------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        from .backend import make_backend
-        from .factory import build_detector
-        from .metrics import Metrics, serve
-        from .mqtt_io import MqttIO
-
         cfg = self.config
         b = cfg.backend
         backend_name = make_backend(b.kind, b.parallel_min_batch, b.cuda_min_batch).name
@@ -472,8 +470,6 @@ class Daemon:
 
     def _status_file_async(self) -> None:
         """Worker: rows for `streamlstm status`, written by the checkpoint thread."""
-        from .status import detector_rows
-
         try:
             rows = detector_rows(self.detector, self._last_scores)
         except Exception as exc:  # noqa: BLE001 - status is a convenience, never fatal
@@ -482,8 +478,6 @@ class Daemon:
         self._ckpt_pool.submit(self._write_status, rows)
 
     def _write_status(self, rows) -> None:
-        from .status import write_status
-
         try:
             write_status(self.store.directory, rows)
         except (OSError, ValueError) as exc:
@@ -569,8 +563,6 @@ class Daemon:
 
     def _apply_reload(self, req: _Reload) -> None:
         """Worker thread: move the learned state into a detector built from the new config."""
-        from .factory import build_detector, group_configs
-
         try:
             new_groups = {g.name: g for g in group_configs(req.config)}
             old = self.detector
@@ -626,7 +618,6 @@ class Daemon:
             else:  # the service manager must see it: the learning since the last good one is gone
                 status = EXIT_FAILURE
         self._ckpt_pool.shutdown(wait=True)
-        from .status import remove_status
         try:
             remove_status(self.store.directory)  # `status` reads the checkpoint from now on
         except OSError as exc:
@@ -651,7 +642,6 @@ def run(config_path: str) -> int:
     faulthandler.enable()  # SIGABRT from the systemd watchdog dumps every thread's stack
     configure_logging("INFO")
     try:
-        from .preflight import preflight
         config = preflight(load_config(config_path))  # the same checks as `check-config`
     except ConfigError as exc:
         return config_error(config_path, exc)
@@ -669,8 +659,6 @@ def run(config_path: str) -> int:
     except ConfigError as exc:
         return config_error(config_path, exc)
     except Exception as exc:  # backend unavailable, port in use, ...
-        from .backend import BackendUnavailable
-
         if isinstance(exc, BackendUnavailable):
             return config_error(config_path, f"backend.kind: {exc}")
         log.critical("cannot run: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
