@@ -1,7 +1,6 @@
 """Command line: ``streamlstm run | check-config | status | warmup | replay | evaluate | fit | demo``.
 
-Exit status 2 means a configuration problem (the systemd unit does not restart on it); the
-message names the key path and no traceback is printed.
+Exit statuses and configuration errors: errors.py.
 """
 from __future__ import annotations
 
@@ -12,12 +11,11 @@ import sys
 import time
 
 from .config import ConfigError, load_config, parse_config
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config_error
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .daemon import package_version
+    from .version import package_version
 
     p = argparse.ArgumentParser(prog="streamlstm", description="Online LSTM anomaly detection for MQTT sensor streams.")
     p.add_argument("--version", action="version", version=f"streamlstm {package_version()}")
@@ -70,11 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_error(path, exc: ConfigError) -> int:
-    print(f"streamlstm: configuration error in {path}:\n{exc}", file=sys.stderr)
-    return EXIT_CONFIG
-
-
 def _load(path):
     return parse_config(None) if path is None else load_config(path)
 
@@ -104,7 +97,7 @@ def main(argv=None) -> int:
         if cmd == "demo":
             return _demo(args.args)
     except ConfigError as exc:
-        return _config_error(getattr(args, "config", None) or "(defaults)", exc)
+        return config_error(getattr(args, "config", None) or "(defaults)", exc)
     except KeyboardInterrupt:
         return 130
     raise AssertionError(cmd)  # pragma: no cover - argparse only lets known commands through
@@ -117,16 +110,16 @@ def _check_config(args) -> int:
         return EXIT_CONFIG
     try:
         config = load_config(path)
-        from .daemon import input_specs
         from .payload import PayloadParser
         from .preflight import preflight
+        from .runtime_config import input_specs
         PayloadParser(input_specs(config))
         notes: list = []
         preflight(config, notes=notes)  # the files and directories `run` needs, as `run` checks them
     except ConfigError as exc:
-        return _config_error(path, exc)
+        return config_error(path, exc)
     except ValueError as exc:
-        return _config_error(path, ConfigError("inputs", str(exc)))
+        return config_error(path, ConfigError("inputs", str(exc)))
     groups = ", ".join(f"{g.name} ({g.match})" for g in config.groups)
     for note in notes:
         print(f"note: {note}")
@@ -137,7 +130,7 @@ def _check_config(args) -> int:
 def _status(args) -> int:
     import json
 
-    from .daemon import expand_paths
+    from .runtime_config import expand_paths
     from .status import format_status, read_status
 
     config = expand_paths(load_config(args.config))
@@ -159,7 +152,8 @@ def _status(args) -> int:
 
 def _warmup(args) -> int:
     from .backend import BackendUnavailable
-    from .daemon import configure_logging, warm_kernels
+    from .logfmt import configure_logging
+    from .warmup import warm_kernels
 
     configure_logging("WARNING")
     config = _load(args.config)
@@ -167,7 +161,7 @@ def _warmup(args) -> int:
     try:
         timings = warm_kernels(config)
     except BackendUnavailable as exc:
-        return _config_error(args.config or "(defaults)", ConfigError("backend.kind", str(exc)))
+        return config_error(args.config or "(defaults)", ConfigError("backend.kind", str(exc)))
     for group, seconds in timings.items():
         print(f"group {group}: kernels ready in {seconds:.1f} s")
     print(f"warmup done in {time.perf_counter() - t0:.1f} s")
@@ -182,7 +176,7 @@ def _group_threshold(detector, sensor: str) -> float:
 
 def _read_series(command: str, path: pathlib.Path):
     """(seconds, stamps, values) of a CSV series, or None after saying why it cannot be read."""
-    from . import replay
+    from .tools import replay
 
     try:
         return replay.read_series(path)
@@ -194,7 +188,7 @@ def _read_series(command: str, path: pathlib.Path):
 def _replay(args) -> int:
     import numpy as np
 
-    from . import nab, replay
+    from .tools import nab, replay
     from .factory import build_detector
 
     config = _load(args.config)
@@ -244,7 +238,7 @@ def _replay(args) -> int:
 def _evaluate(args) -> int:
     import json
 
-    from . import evaluation, nab
+    from .tools import evaluation, nab
 
     config = _load(args.config)
     if args.dir is None and args.skab is None:
@@ -276,10 +270,10 @@ def _evaluate(args) -> int:
 
 
 def _fit(args) -> int:
-    from . import evaluation
+    from .tools import evaluation
     from .checkpoint import CheckpointStore
-    from .daemon import checkpoint_meta, restore_detector
     from .factory import build_detector
+    from .restore import checkpoint_meta, restore_detector
 
     config = _load(args.config)
     path = pathlib.Path(args.history)
@@ -302,7 +296,7 @@ def _fit(args) -> int:
 
 def _demo(argv) -> int:
     try:
-        from . import demo
+        from .tools import demo
     except ImportError as exc:
         print(f"streamlstm demo is not available: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -29,38 +29,43 @@ broker redelivers what was not acked yet (readings with a timestamp are then rej
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
-import datetime
 import faulthandler
-import json
 import logging
 import math
-import os
-import re
 import signal
-import sys
 import threading
 import time
 from typing import Optional
 
-import numpy as np
+from prometheus_client import CollectorRegistry
 
-from .checkpoint import CheckpointError, CheckpointStore, quarantine
+from .backend import BackendUnavailable, make_backend
+from .checkpoint import CheckpointError, CheckpointStore
 from .config import ConfigError, load_config
+from .errors import EXIT_FAILURE, EXIT_OK, config_error
+from .factory import build_detector, group_configs
 from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
-from .payload import InputSpec, ParseResult, PayloadParser
+from .logfmt import configure_logging
+from .messages import event_message, format_time, state_message
+from .metrics import Metrics, serve
+from .mqtt_io import MqttIO
+from .payload import ParseResult, PayloadParser
+from .preflight import preflight
+from .ratelimit import RateLimitedLogger
+from .reading_queue import ReadingQueue
+from .restore import MOVED_ASIDE, RESTORED, checkpoint_meta, restore_detector
+from .runtime_config import expand_paths, input_specs
+from .sdnotify import SdNotifier
+from .status import detector_rows, remove_status, write_status
+from .version import package_version
+from .warmup import warm_kernels
 
-__all__ = [
-    "CHECKPOINT_FORMAT", "Daemon", "ReadingQueue", "ReloadRefused", "checkpoint_meta", "configure_logging",
-    "event_message", "expand_paths", "format_time", "package_version", "run", "state_message", "warm_kernels",
-]
+__all__ = ["Daemon", "ReloadRefused", "run"]
 
 log = logging.getLogger("streamlstm")
 
-CHECKPOINT_FORMAT = "streamlstm-daemon"
-CHECKPOINT_FORMAT_VERSION = 1
 DRAIN_TIMEOUT_S = 60.0        # SIGTERM: longest drain before the final checkpoint (TimeoutStopSec=120)
 IDLE_WAKE_S = 0.5             # worker wakes at least this often (watchdog, checkpoints, reloads)
 STATE_MIN_INTERVAL_S = 1.0    # per-sensor state topic: at most one message per second unless the flag flips
@@ -68,344 +73,6 @@ STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
 STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py) ...
 STATUS_FILE_SENSORS_PER_S = 2000  # ... but less often with many sensors (100k: every 50 s)
 RELOAD_TIMEOUT_S = 120.0
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-        return version("streamlstm")
-    except (ImportError, PackageNotFoundError):
-        return "0+unknown"
-
-
-# --------------------------------------------------------------------------------- config paths
-
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-# File-path settings that may use ${CREDENTIALS_DIRECTORY} (systemd LoadCredential=) or $VARS.
-PATH_KEYS = (
-    ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"), ("mqtt", "tls", "cert_file"),
-    ("mqtt", "tls", "key_file"), ("mqtt", "tls", "key_password_file"), ("metrics", "tls_cert_file"),
-    ("metrics", "tls_key_file"), ("metrics", "basic_auth_password_file"), ("checkpoint", "directory"),
-)
-
-
-def _expand(value: str, key: str, env) -> str:
-    def sub(m):
-        name = m.group(1) or m.group(2)
-        got = env.get(name)
-        if got is None:
-            hint = " (set by systemd's LoadCredential=; outside systemd set it yourself)" \
-                if name == "CREDENTIALS_DIRECTORY" else ""
-            raise ConfigError(key, f"environment variable ${name} used in {value!r} is not set{hint}")
-        return got
-    return _VAR.sub(sub, value)
-
-
-def expand_paths(config, env=None):
-    """Config with ``$VAR`` / ``${VAR}`` expanded in file-path settings; ConfigError (key path)
-    when a variable is unset."""
-    env = os.environ if env is None else env
-    errors = []
-    for keys in PATH_KEYS:
-        obj = config
-        for k in keys:
-            obj = getattr(obj, k)
-        if obj is None or "$" not in obj:
-            continue
-        try:
-            value = _expand(obj, ".".join(keys), env)
-        except ConfigError as e:
-            errors.extend(e.errors)
-            continue
-        config = _replace_path(config, keys, value)
-    if errors:
-        raise ConfigError("", errors=errors)
-    return config
-
-
-def _replace_path(obj, keys, value):
-    if len(keys) == 1:
-        return dataclasses.replace(obj, **{keys[0]: value})
-    return dataclasses.replace(obj, **{keys[0]: _replace_path(getattr(obj, keys[0]), keys[1:], value)})
-
-
-def input_specs(config) -> list:
-    return [InputSpec(topic=i.topic, format=i.format, value_fields=i.value_fields, timestamp_field=i.timestamp_field,
-                      timestamp_unit=i.timestamp_unit, max_payload_bytes=config.mqtt.max_payload_bytes,
-                      fields=i.fields, exclude_fields=i.exclude_fields, sensor_name=i.sensor_name,
-                      timestamp_tz=i.timestamp_tz)
-            for i in config.inputs]
-
-
-# ----------------------------------------------------------------------------------------- queue
-
-class ReadingQueue:
-    """Bounded FIFO of ``(reading or None, ack token or None)``; capacity counted in entries."""
-
-    def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
-        self.capacity = capacity
-        self._items: collections.deque = collections.deque()
-        self._lock = threading.Lock()
-        self._not_empty = threading.Condition(self._lock)
-        self._not_full = threading.Condition(self._lock)
-        self._closed = False
-        self._want = 1  # entries the waiting consumer needs before it is worth waking it
-        self.blocked_s = 0.0  # producer time spent waiting for room (backpressure)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def put(self, entries: list, block: bool = True) -> bool:
-        """Append all `entries` in order; with `block`, waiting while the queue is full.
-
-        False when the queue was closed first; entries not yet appended then are dropped,
-        unacknowledged (the broker redelivers them).
-        """
-        i, n = 0, len(entries)
-        with self._lock:
-            while i < n:
-                if self._closed:
-                    return False
-                free = self.capacity - len(self._items) if block else n - i
-                if free <= 0:
-                    t0 = time.monotonic()
-                    self._not_full.wait(0.5)
-                    self.blocked_s += time.monotonic() - t0
-                    continue
-                j = min(n, i + free)
-                self._items.extend(entries if (i == 0 and j == n) else entries[i:j])
-                i = j
-                if len(self._items) >= self._want:
-                    self._not_empty.notify()
-        return True
-
-    def wait_for_room(self, timeout: float) -> bool:
-        """True once the queue is below capacity (or closed), waiting at most `timeout`."""
-        with self._lock:
-            if len(self._items) >= self.capacity and not self._closed:
-                t0 = time.monotonic()
-                self._not_full.wait(timeout)
-                self.blocked_s += time.monotonic() - t0
-            return len(self._items) < self.capacity or self._closed
-
-    def get_batch(self, max_items: int, max_delay_s: float, idle_s: float) -> list:
-        """Up to `max_items` entries: waits `idle_s` for a first one, then up to `max_delay_s`
-        for the batch to fill. [] when nothing came."""
-        with self._lock:
-            if not self._items:
-                self._want = 1
-                self._not_empty.wait(idle_s)
-                if not self._items:
-                    return []
-            if len(self._items) < max_items and max_delay_s > 0 and not self._closed:
-                self._want = max_items
-                deadline = time.monotonic() + max_delay_s
-                while len(self._items) < max_items and not self._closed:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._not_empty.wait(left)
-                self._want = 1
-            k = min(max_items, len(self._items))
-            pop = self._items.popleft
-            out = [pop() for _ in range(k)]
-            self._not_full.notify_all()
-            return out
-
-    def close(self) -> None:
-        """No more puts (blocked producers return False); gets drain what is left."""
-        with self._lock:
-            self._closed = True
-            self._not_full.notify_all()
-            self._not_empty.notify_all()
-
-
-# -------------------------------------------------------------------------------------- messages
-
-def format_time(ts) -> str:
-    """Epoch seconds as UTC ISO 8601 for log lines (e.g. 2026-11-30T11:00:00.250Z), raw if odd."""
-    try:
-        dt = datetime.datetime.fromtimestamp(float(ts), datetime.timezone.utc)
-    except (ValueError, OverflowError, OSError):
-        return repr(ts)
-    text = dt.isoformat(timespec="milliseconds" if dt.microsecond else "seconds")
-    return text.replace("+00:00", "Z")
-
-
-def _num(x):
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _values(seq):
-    """One-field readings as numbers, vectors as lists; NaN as null."""
-    vals = [_num(v) for v in seq]
-    return vals[0] if len(vals) == 1 else vals
-
-
-def event_message(kind: str, incident) -> bytes:
-    """JSON of one event. value/prediction/residual/score are those of the reading that opened
-    the incident; end is null while it is open.
-
-    The detector reports both events of an incident with the same (mutable) Incident, which
-    may already be closed when its "anomaly" event is published (both in one batch): an
-    "anomaly" event therefore shows the incident as it was when it opened.
-    """
-    opening = kind == "anomaly"
-    return json.dumps({
-        "event": kind,
-        "sensor": incident.sensor,
-        "group": incident.group,
-        "start": _num(incident.start),
-        "end": None if opening or incident.end is None else _num(incident.end),
-        "timestamp": _num(incident.timestamp),
-        "value": _values(incident.value),
-        "prediction": _values(incident.prediction),
-        "residual": _values(incident.residual),
-        "score": _num(incident.score),
-        "threshold": _num(incident.threshold),
-        "peak_score": _num(incident.score if opening else incident.peak_score),
-        "peak_timestamp": _num(incident.timestamp if opening else incident.peak_timestamp),
-        "readings": 1 if opening else int(incident.readings),
-        "evidence": incident.evidence,  # the channel that opened it: model, seasonal, range or stuck
-        "reason": None if opening else (incident.reason or None),  # returned, accepted or gap
-    }, allow_nan=False, separators=(",", ":")).encode()
-
-
-def state_message(batch, i: int, width: int) -> bytes:
-    """JSON of a sensor's latest state (retained per-sensor state topic)."""
-    return json.dumps({
-        "sensor": batch.sensors[i],
-        "group": batch.groups[i],
-        "timestamp": _num(batch.timestamps[i]),
-        "value": _values(batch.values[i]),
-        "prediction": _values(batch.prediction[i, :width]),
-        "residual": _values(batch.residual[i, :width]),
-        "score": _num(batch.score[i]),
-        "threshold": _num(batch.threshold[i]),
-        "anomaly": bool(batch.is_anomaly[i]),
-    }, allow_nan=False, separators=(",", ":")).encode()
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-def model_shapes(config) -> dict:
-    """What must match for a checkpoint to be reusable, per configured group (for humans)."""
-    return {g.name: {"weights": g.weights, "hidden_size": g.model.hidden_size, "num_layers": g.model.num_layers,
-                     "window": g.model.window, "dtype": g.model.dtype, "target_feature": g.model.target_feature}
-            for g in config.groups}
-
-
-def checkpoint_meta(config, detector_meta: dict, last_scores: Optional[dict] = None) -> dict:
-    # last_scores: for `streamlstm status` while the daemon is down (the detector keeps no scores).
-    return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-            "streamlstm_version": package_version(), "saved_at": time.time(),
-            "config_shape": model_shapes(config), "detector": detector_meta,
-            "last_scores": {k: (v if math.isfinite(v) else None) for k, v in (last_scores or {}).items()}}
-
-
-RESTORED, FRESH, MOVED_ASIDE = "restored", "fresh", "moved aside"
-
-
-def restore_detector(config, store: CheckpointStore, build):
-    """(detector, outcome) from the store: RESTORED, FRESH (no checkpoint) or MOVED_ASIDE (an
-    unusable checkpoint was quarantined -> cold start).
-
-    CheckpointError other than corrupt/incompatible (e.g. permission denied) propagates.
-    """
-    detector = build(config)
-    existed = store.path.exists()
-    loaded = store.load()  # moves a corrupt or incompatible file aside itself
-    if loaded is None:
-        return detector, MOVED_ASIDE if existed else FRESH
-    arrays, meta = loaded
-    problem = None
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        problem = f"not a {CHECKPOINT_FORMAT} v{CHECKPOINT_FORMAT_VERSION} checkpoint (meta format " \
-                  f"{meta.get('format')!r} v{meta.get('format_version')!r})"
-    else:
-        try:
-            detector.load_state_dict(arrays, meta["detector"])
-        except Exception as exc:  # noqa: BLE001 - any unusable content: keep it aside, start fresh
-            problem = f"does not fit the configured models: {type(exc).__name__}: {exc}"
-    if problem is None:
-        return detector, RESTORED
-    try:
-        moved = quarantine(store.path)
-        log.error("checkpoint %s %s; moved to %s, cold start", store.path, problem, moved)
-    except CheckpointError as exc:
-        log.error("checkpoint %s %s; cold start (and: %s)", store.path, problem, exc)
-    return build(config), MOVED_ASIDE
-
-
-# ---------------------------------------------------------------------------------------- warm-up
-
-def _glob_free(config):
-    """Per configured group, a one-group copy matching every sensor (dummy sensors need no
-    name that fits the group's glob)."""
-    from .factory import group_configs
-    return [dataclasses.replace(g, match="*") for g in group_configs(config)]
-
-
-def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
-    """Compile (or load from Numba's cache) every kernel the configured models use.
-
-    Steps dummy sensors of each group, through the backend the daemon would pick, long enough
-    to train, on throwaway detectors: nothing is kept. Returns {group: seconds}.
-    """
-    from .backend import make_backend
-    from .detector.detector import Detector, _Reading
-
-    b = config.backend
-    widths = sorted({i.width for i in config.inputs} | {1})  # fields / influx inputs: one value each
-    timings = {}
-    for group in _glob_free(config):
-        t0 = time.perf_counter()
-        for width in widths:
-            try:
-                spec = group.spec(width)
-            except ValueError:
-                continue  # e.g. target_feature outside this width: such readings are refused anyway
-            rounds = group.detector.scaling_warmup + spec.window + spec.train_every + 2
-            for driver in drivers:
-                sensors = 1 if driver == "serial" else 2
-                pmb = 2 if driver == "parallel" else 1 << 30
-
-                def backend(name, pmb=pmb):
-                    return make_backend(b.kind, pmb, b.cuda_min_batch)
-
-                det = Detector([group], backend, max_sensors=sensors)
-                t = np.arange(rounds, dtype=np.float64)
-                wave = np.sin(t / 3.0)
-                readings = [_Reading(f"warmup-{k}", 1.0e9 + t[r],
-                                     tuple(float(wave[r] + 0.1 * k + 0.01 * j) for j in range(width)))
-                            for r in range(rounds) for k in range(sensors)]
-                det.process(readings)
-        timings[group.name] = time.perf_counter() - t0
-    return timings
-
-
-# ----------------------------------------------------------------------------------------- logging
-
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Log lines to stderr (logfmt.py: text or JSON; journald priority prefixes under systemd)."""
-    from .logfmt import make_formatter
-
-    root = logging.getLogger()
-    handler = next((h for h in root.handlers if getattr(h, "_streamlstm", False)), None)
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler._streamlstm = True
-        root.addHandler(handler)
-    handler.setFormatter(make_formatter(fmt))
-    root.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------- daemon
@@ -446,11 +113,6 @@ class Daemon:
     """One running pipeline. `run()` blocks until stopped and returns the exit status."""
 
     def __init__(self, config, config_path: Optional[str] = None, *, notifier=None, registry=None):
-        from prometheus_client import CollectorRegistry
-
-        from .ratelimit import RateLimitedLogger
-        from .sdnotify import SdNotifier
-
         self.config = config
         self.config_path = config_path
         self.notifier = notifier if notifier is not None else SdNotifier()
@@ -495,11 +157,6 @@ class Daemon:
     # --- start-up --------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        from .backend import make_backend
-        from .factory import build_detector
-        from .metrics import Metrics, serve
-        from .mqtt_io import MqttIO
-
         cfg = self.config
         b = cfg.backend
         backend_name = make_backend(b.kind, b.parallel_min_batch, b.cuda_min_batch).name
@@ -813,8 +470,6 @@ class Daemon:
 
     def _status_file_async(self) -> None:
         """Worker: rows for `streamlstm status`, written by the checkpoint thread."""
-        from .status import detector_rows
-
         try:
             rows = detector_rows(self.detector, self._last_scores)
         except Exception as exc:  # noqa: BLE001 - status is a convenience, never fatal
@@ -823,8 +478,6 @@ class Daemon:
         self._ckpt_pool.submit(self._write_status, rows)
 
     def _write_status(self, rows) -> None:
-        from .status import write_status
-
         try:
             write_status(self.store.directory, rows)
         except (OSError, ValueError) as exc:
@@ -910,8 +563,6 @@ class Daemon:
 
     def _apply_reload(self, req: _Reload) -> None:
         """Worker thread: move the learned state into a detector built from the new config."""
-        from .factory import build_detector, group_configs
-
         try:
             new_groups = {g.name: g for g in group_configs(req.config)}
             old = self.detector
@@ -967,7 +618,6 @@ class Daemon:
             else:  # the service manager must see it: the learning since the last good one is gone
                 status = EXIT_FAILURE
         self._ckpt_pool.shutdown(wait=True)
-        from .status import remove_status
         try:
             remove_status(self.store.directory)  # `status` reads the checkpoint from now on
         except OSError as exc:
@@ -992,17 +642,14 @@ def run(config_path: str) -> int:
     faulthandler.enable()  # SIGABRT from the systemd watchdog dumps every thread's stack
     configure_logging("INFO")
     try:
-        from .preflight import preflight
         config = preflight(load_config(config_path))  # the same checks as `check-config`
     except ConfigError as exc:
-        print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(config_path, exc)
     configure_logging(config.logging.level, "json" if config.logging.json else "text")
     try:
         daemon = Daemon(config, config_path)
     except ValueError as exc:  # inputs the parser refuses although the schema accepted them
-        print(f"streamlstm: configuration error in {config_path}:\ninputs: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(config_path, f"inputs: {exc}")
     handlers = {}
     for sig, fn in ((signal.SIGTERM, daemon.request_stop), (signal.SIGINT, daemon.request_stop),
                     (signal.SIGHUP, daemon.request_reload)):
@@ -1010,14 +657,10 @@ def run(config_path: str) -> int:
     try:
         return daemon.run()
     except ConfigError as exc:
-        print(f"streamlstm: configuration error in {config_path}:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(config_path, exc)
     except Exception as exc:  # backend unavailable, port in use, ...
-        from .backend import BackendUnavailable
-
         if isinstance(exc, BackendUnavailable):
-            print(f"streamlstm: configuration error in {config_path}:\nbackend.kind: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+            return config_error(config_path, f"backend.kind: {exc}")
         log.critical("cannot run: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return EXIT_FAILURE
     finally:

@@ -13,8 +13,9 @@ import datetime
 import json
 import logging
 import os
+import sys
 
-__all__ = ["FORMATS", "make_formatter", "syslog_priority"]
+__all__ = ["FORMATS", "configure_logging", "make_formatter", "syslog_priority"]
 
 FORMATS = ("text", "json")
 
@@ -67,3 +68,15 @@ def make_formatter(fmt: str = "text", env=None) -> logging.Formatter:
     else:
         inner = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     return _JournalFormatter(inner) if journal else inner
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log lines to stderr (text or JSON; journald priority prefixes under systemd)."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if getattr(h, "_streamlstm", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._streamlstm = True
+        root.addHandler(handler)
+    handler.setFormatter(make_formatter(fmt))
+    root.setLevel(level)

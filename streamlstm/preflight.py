@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .config import ConfigError, read_secret
+from .runtime_config import PATH_KEYS, expand_paths, replace_path
 
 __all__ = ["preflight"]
 
@@ -30,8 +31,6 @@ def preflight(config, env=None, *, notes=None):
     unset are skipped with a note instead of an error, because systemd sets it only for the
     service (LoadCredential=); `run` passes none and refuses them, as it always did.
     """
-    from .daemon import PATH_KEYS, _replace_path, expand_paths
-
     env = os.environ if env is None else env
     checked = config
     if notes is not None and CREDENTIALS not in env:
@@ -42,7 +41,7 @@ def preflight(config, env=None, *, notes=None):
             if isinstance(value, str) and CREDENTIALS in value:
                 notes.append(f"{'.'.join(keys)}: not checked: ${CREDENTIALS} is set by systemd "
                              f"(LoadCredential=) only when the service starts")
-                checked = _replace_path(checked, keys, None)
+                checked = replace_path(checked, keys, None)
     checked = expand_paths(checked, env)  # an unset variable is a ConfigError of its own
     errors: list = []
 

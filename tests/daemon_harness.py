@@ -1,12 +1,13 @@
-"""Shared helpers for the fault, load and security tests (tests/test_faults.py, test_load.py,
-test_security.py): the real daemon (`python -m streamlstm run -c FILE`) as a subprocess against a
-real mosquitto (tests/mosquitto.py) on loopback.
+"""Shared helpers for the daemon, fault, load and security tests (tests/test_daemon.py,
+test_faults.py, test_load.py, test_security.py): the real daemon (`python -m streamlstm run -c
+FILE`) as a subprocess against a real mosquitto (tests/mosquitto.py) on loopback.
 
 * `daemon_config(port, tmp_path, **overrides)`: a small, fast configuration (hidden_size 4,
   window 4, train_every 8, CPU backend) on free ports; overrides are merged per section.
 * `DaemonProcess`: start, wait for READY on a test $NOTIFY_SOCKET (or for the retained ``online``
   status), scrape /metrics, stop with SIGTERM / kill with SIGKILL; stderr is read through a pipe
-  (never a file the daemon writes, so a file-size limit set on it hits only its checkpoints).
+  (never a file the daemon writes, so a file-size limit set on it hits only its checkpoints), or
+  with ``log_file=True`` written by the daemon straight into its log file (test_daemon.py).
 * `Publisher`: QoS 1, waits for every PUBACK, resends in order what was not acknowledged after a
   reconnect, so a broker restart costs duplicates (rejected by the daemon as
   duplicate_timestamp / out_of_order), never a gap.
@@ -198,15 +199,18 @@ class Notify:
 
 
 class DaemonProcess:
-    """`python -m streamlstm run -c FILE` with a generated config; stderr collected via a pipe."""
+    """`python -m streamlstm run -c FILE` with a generated config; stderr collected via a pipe
+    (or written straight to the log file: `log_file`)."""
 
     def __init__(self, tmp_path: pathlib.Path, config: dict, name: str = "daemon", env: Optional[dict] = None,
-                 scrape_auth: Optional[tuple] = None, scrape_context: Optional[ssl.SSLContext] = None):
+                 scrape_auth: Optional[tuple] = None, scrape_context: Optional[ssl.SSLContext] = None,
+                 log_file: bool = False):
+        """`log_file`: the daemon writes its output straight into `log_path` (not through a pipe),
+        so a line it logged before a notify message is in `log_text()` once that message is seen."""
         self.tmp_path = tmp_path
         self.name = name
-        self.config = config
         self.config_path = tmp_path / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.write_config(config)
         self.log_path = tmp_path / f"{name}.log"
         self.scrape_auth = scrape_auth
         self.scrape_context = scrape_context
@@ -220,16 +224,25 @@ class DaemonProcess:
         self.proc: Optional[subprocess.Popen] = None
         self._lines: list[str] = []
         self._reader: Optional[threading.Thread] = None
+        self.log_file = log_file
+        self._log = None  # the log file the daemon writes (log_file)
         self.peak_rss_kib = 0  # VmHWM, refreshed by every scrape and before stop/kill
+
+    def write_config(self, config: dict) -> None:
+        """(Re)write the config file (a SIGHUP makes the daemon read it again)."""
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config))
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> "DaemonProcess":
+        self._log = open(self.log_path, "ab") if self.log_file else None
         self.proc = subprocess.Popen([sys.executable, "-m", "streamlstm", "run", "-c", str(self.config_path)],
                                      cwd=self.tmp_path, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._reader = threading.Thread(target=self._read_output, args=(self.proc.stdout,), daemon=True)
-        self._reader.start()
+                                     stdout=self._log or subprocess.PIPE, stderr=subprocess.STDOUT)
+        if self._log is None:
+            self._reader = threading.Thread(target=self._read_output, args=(self.proc.stdout,), daemon=True)
+            self._reader.start()
         return self
 
     def _read_output(self, pipe) -> None:
@@ -246,9 +259,10 @@ class DaemonProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S, after: int = 0) -> int:
+        """Index of the first READY=1 from notify message `after` on (after a reload: its RELOADING)."""
         try:
-            self.notify.wait("READY", timeout=timeout, alive=self.alive)
+            return self.notify.wait("READY", timeout=timeout, alive=self.alive, after=after)
         except AssertionError:
             raise AssertionError(f"{self.name} not READY (exit {self.proc.poll()}); log:\n{self.log_tail()}") from None
 
@@ -284,13 +298,19 @@ class DaemonProcess:
     def _join_reader(self) -> None:
         if self._reader is not None:
             self._reader.join(10)
+        if self._log is not None and self.proc.poll() is not None:
+            self._log.close()
 
     # --- observation -------------------------------------------------------------------
 
     def log_text(self) -> str:
+        if self.log_file:
+            return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "".join(self._lines)
 
     def log_tail(self, n: int = 60) -> str:
+        if self.log_file:
+            return "".join(self.log_text().splitlines(keepends=True)[-n:])
         return "".join(self._lines[-n:])
 
     def update_peak_rss(self) -> int:
@@ -317,6 +337,19 @@ class DaemonProcess:
         self.update_peak_rss()
         _, text = fetch(self.metrics_url, auth=self.scrape_auth, context=self.scrape_context, timeout=timeout)
         return Scrape(text)
+
+    def exposition(self) -> str:
+        return self.scrape().text
+
+    def sample(self, name: str, **labels) -> Optional[float]:
+        """One sample of a fresh scrape (None when absent)."""
+        return self.scrape().value(name, **labels)
+
+    def wait_processed(self, n: int, group: str = "default", timeout: float = 60.0) -> None:
+        """Until exactly `n` readings of `group` went through the detector."""
+        wait_for(lambda: (self.sample("streamlstm_readings_total", group=group) or 0) >= n, timeout,
+                 step=0.1, what=f"{n} readings processed; log:\n{self.log_text()}")
+        assert self.sample("streamlstm_readings_total", group=group) == n
 
     def try_scrape(self) -> Optional[Scrape]:
         try:

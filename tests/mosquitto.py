@@ -18,36 +18,17 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import time
+
+from streamlstm.tools.broker import find_mosquitto, free_port, mosquitto_config, port_accepts
 
 __all__ = ["Mosquitto", "MosquittoError", "find_mosquitto", "free_port"]
 
 
 class MosquittoError(RuntimeError):
     pass
-
-
-def find_mosquitto() -> str | None:
-    """Path of the mosquitto binary (Debian puts it in /usr/sbin, often not on a user's PATH)."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the kernel picks it; tiny race is acceptable)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class Mosquitto:
@@ -115,43 +96,14 @@ class Mosquitto:
         return tls_port
 
     def render_config(self) -> str:
-        lines = [
-            # per_listener_settings false: allow_anonymous etc. apply to every listener.
-            "per_listener_settings false",
-            "allow_anonymous true",
-            f"listener {self.port} {self.host}",
-            f"max_queued_messages {self.max_queued_messages}",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-            "log_timestamp true",
-        ]
-        if self.max_inflight_messages is not None:
-            lines.append(f"max_inflight_messages {self.max_inflight_messages}")
-        if os.geteuid() == 0:
-            # As root mosquitto drops to user "mosquitto", which cannot write our tmp dirs.
-            lines.append(f"user {pwd.getpwuid(0).pw_name}")
+        persistence_dir = None
         if self.persistence:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            lines += [
-                "persistence true",
-                f"persistence_location {self.data_dir}/",
-                # 0: save only on exit/SIGUSR1; >0 also every N seconds (so kill() keeps something).
-                f"autosave_interval {self.autosave_interval}",
-            ]
-        else:
-            lines.append("persistence false")
-        for tls in self.tls_listeners:
-            lines += [f"listener {tls['port']} {self.host}", f"certfile {tls['certfile']}",
-                      f"keyfile {tls['keyfile']}"]
-            if tls["cafile"]:
-                lines.append(f"cafile {tls['cafile']}")
-            lines.append(f"require_certificate {'true' if tls['require_certificate'] else 'false'}")
-        lines += self.extra_config
-        return "\n".join(lines) + "\n"
+            persistence_dir = str(self.data_dir)
+        return mosquitto_config(self.port, self.host, max_queued_messages=self.max_queued_messages,
+                                max_inflight_messages=self.max_inflight_messages, persistence_dir=persistence_dir,
+                                autosave_interval=self.autosave_interval, log_connections=True,
+                                tls_listeners=self.tls_listeners, extra=self.extra_config)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -175,7 +127,7 @@ class Mosquitto:
             if self.proc.poll() is not None:
                 raise MosquittoError(
                     f"mosquitto exited with {self.proc.returncode} during start-up:\n{self.log_text()}")
-            if all(_accepts(self.host, p) for p in ports):
+            if all(port_accepts(self.host, p) for p in ports):
                 return
             if time.monotonic() > deadline:
                 self.kill()
@@ -237,11 +189,3 @@ class Mosquitto:
 
     def __repr__(self) -> str:
         return f"Mosquitto({self.url}, running={self.running})"
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False

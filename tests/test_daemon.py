@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -20,17 +19,17 @@ import yaml
 
 paho = pytest.importorskip("paho.mqtt.client")
 from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from daemon_harness import Notify  # noqa: E402
 from mosquitto import free_port  # noqa: E402
 from streamlstm.checkpoint import load_checkpoint  # noqa: E402
 from streamlstm.config import ConfigError, load_config, parse_config  # noqa: E402
-from streamlstm.daemon import ReadingQueue, event_message, expand_paths  # noqa: E402
 from streamlstm.detector.detector import _Reading  # noqa: E402
 from streamlstm.detector.incidents import Incident  # noqa: E402
 from streamlstm.factory import build_detector  # noqa: E402
+from streamlstm.messages import event_message  # noqa: E402
 from streamlstm.mqtt_io import read_password  # noqa: E402
+from streamlstm.reading_queue import ReadingQueue  # noqa: E402
+from streamlstm.runtime_config import expand_paths  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 T0 = 1.7e9  # reading timestamps: T0 + i seconds
@@ -77,87 +76,13 @@ def small_config(broker, tmp_path, **overrides) -> dict:
     return cfg
 
 
-class DaemonProcess:
-    def __init__(self, tmp_path, config: dict, name="daemon", env=None):
-        self.tmp_path = tmp_path
-        self.config = config
-        self.config_path = tmp_path / f"{name}.yaml"
-        self.write_config(config)
-        self.log_path = tmp_path / f"{name}.log"
-        self.notify = Notify()
-        self.env = dict(os.environ)
-        self.env.pop("NUMBA_ENABLE_CUDASIM", None)
-        self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
-        self.env["NOTIFY_SOCKET"] = self.notify.path
-        self.env["WATCHDOG_USEC"] = "1000000"
-        self.env.update(env or {})
-        self.proc = None
-
-    def write_config(self, config):
-        self.config = config
-        self.config_path.write_text(yaml.safe_dump(config))
-
-    def start(self):
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streamlstm", "run", "-c", str(self.config_path)],
-                                     cwd=self.tmp_path, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        return self
-
-    def wait_ready(self, timeout=240.0, after=0):  # generous: a cold Numba cache compiles for minutes
-        try:
-            return self.notify.wait("READY", timeout=timeout, after=after)
-        except AssertionError:
-            raise AssertionError(f"daemon not READY; log:\n{self.log_text()}") from None
-
-    def stop(self, timeout=60.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.notify.close()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @property
-    def metrics_url(self):
-        return f"http://127.0.0.1:{self.config['metrics']['port']}/metrics"
-
-    def exposition(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
-            return r.read().decode()
-
-    def sample(self, name, **labels):
-        for family in text_string_to_metric_families(self.exposition()):
-            for s in family.samples:
-                if s.name == name and s.labels == labels:
-                    return s.value
-        return None
-
-    def wait_processed(self, n, group="default", timeout=60.0):
-        wait_for(lambda: (self.sample("streamlstm_readings_total", group=group) or 0) >= n, timeout,
-                 step=0.1, what=f"{n} readings processed; log:\n{self.log_text()}")
-        assert self.sample("streamlstm_readings_total", group=group) == n
-
-
 @pytest.fixture
-def daemons():
-    started = []
-
-    def make(*args, **kwargs):
-        d = DaemonProcess(*args, **kwargs)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.kill()
+def daemons(daemons):
+    """The shared fixture (conftest.py, tests/daemon_harness.py), with the systemd watchdog on and
+    the output written straight to the log file (the tests read log lines right after a READY)."""
+    def make(tmp_path, config, name="daemon", env=None):
+        return daemons(tmp_path, config, name=name, env={"WATCHDOG_USEC": "1000000", **(env or {})}, log_file=True)
+    return make
 
 
 class Subscriber:

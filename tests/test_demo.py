@@ -16,10 +16,10 @@ import urllib.request
 
 import pytest
 
-from streamlstm import broker as broker_mod
-from streamlstm import demo
 from streamlstm.config import parse_config
-from streamlstm.simulate import Anomaly, AnomalyInjector, Plant
+from streamlstm.tools import broker as broker_mod
+from streamlstm.tools import demo
+from streamlstm.tools.simulate import Anomaly, AnomalyInjector, Plant
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -394,7 +394,7 @@ def test_demo_run_with_standin_daemon(tmp_path):
     sched = _schedule(10, 5, 20.0)
     spikes = [a for a in sched if a.kind == "spike"]
     assert spikes, sched
-    code, out = _run_demo(["streamlstm.demo", "--duration", "20", "--sensors", "10", "--seed", "5", "--no-color",
+    code, out = _run_demo(["streamlstm.tools.demo", "--duration", "20", "--sensors", "10", "--seed", "5", "--no-color",
                            "--daemon-command", f"{sys.executable} {standin}"], tmp_path / "tmp", tmp_path)
     assert code == 0, out
     assert "daemon online" in out
@@ -422,7 +422,7 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
         time.sleep(3)
         proc.send_signal(signal.SIGINT)
 
-    code, out = _run_demo(["streamlstm.demo", "--sensors", "5", "--no-color", "--broker", broker,
+    code, out = _run_demo(["streamlstm.tools.demo", "--sensors", "5", "--no-color", "--broker", broker,
                            "--daemon-command", f"{sys.executable} {standin}"], tmp_path / "tmp", tmp_path,
                           on_online=interrupt)
     assert code == 0, out

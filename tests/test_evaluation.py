@@ -1,4 +1,4 @@
-"""streamlstm.evaluation and `streamlstm evaluate / fit`: leave-one-category-out, SKAB's
+"""streamlstm.tools.evaluation and `streamlstm evaluate / fit`: leave-one-category-out, SKAB's
 measures, change-point windows, warm start from history."""
 import json
 import pathlib
@@ -6,9 +6,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from streamlstm import evaluation as ev
-from streamlstm import nab
 from streamlstm.cli import main
+from streamlstm.tools import evaluation as ev
+from streamlstm.tools import nab
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
 T0 = np.datetime64("2020-01-01T00:00:00", "us")
@@ -100,8 +100,8 @@ def write_series(path, values, t0=1_600_000_000, dt=60):
 def test_fit_writes_the_checkpoint_run_starts_from(tmp_path, capsys):
     from streamlstm.checkpoint import CheckpointStore
     from streamlstm.config import load_config
-    from streamlstm.daemon import RESTORED, restore_detector
     from streamlstm.factory import build_detector
+    from streamlstm.restore import RESTORED, restore_detector
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"checkpoint: {{directory: {tmp_path / 'state'}}}\n"

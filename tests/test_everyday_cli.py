@@ -17,7 +17,7 @@ import pytest
 from daemon_harness import T0, daemon_config, wait_for
 from streamlstm.logfmt import make_formatter
 from streamlstm.ratelimit import RateLimitedLogger
-from streamlstm.replay import Progress
+from streamlstm.tools.replay import Progress
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def publish(broker, items):
 
 
 def test_version():
-    from streamlstm.daemon import package_version
+    from streamlstm.version import package_version
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"streamlstm {package_version()}"
 

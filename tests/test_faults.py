@@ -317,7 +317,7 @@ def test_restart_with_a_backlog_is_ready_before_working_through_it(mosquitto, tm
 def _good_checkpoint(path, cfg: dict) -> None:
     """A real daemon checkpoint of 3 sensors (in-process: same code as the daemon)."""
     from streamlstm.config import parse_config
-    from streamlstm.daemon import checkpoint_meta
+    from streamlstm.restore import checkpoint_meta
     from streamlstm.detector.detector import _Reading
     from streamlstm.factory import build_detector
 

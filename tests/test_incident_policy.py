@@ -6,9 +6,9 @@ All with the default configuration (what the daemon runs) unless a test sets a k
 import numpy as np
 import pytest
 
-from streamlstm import replay
 from streamlstm.config import parse_config
 from streamlstm.factory import build_detector
+from streamlstm.tools import replay
 
 DT = 60.0
 

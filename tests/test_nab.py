@@ -1,11 +1,11 @@
-"""Tests for streamlstm.nab (NAB v1.1 scoring)."""
+"""Tests for streamlstm.tools.nab (NAB v1.1 scoring)."""
 import math
 import types
 
 import numpy as np
 import pytest
 
-from streamlstm import nab
+from streamlstm.tools import nab
 
 STD = nab.PROFILES["standard"]
 T0 = np.datetime64("2014-04-01T00:00", "us")

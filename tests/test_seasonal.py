@@ -136,7 +136,7 @@ def daily_square(days, dt=300.0, seed=0, low=20.0, high=80.0):
 
 
 def run_ts(det, ts, x):
-    from streamlstm import replay
+    from streamlstm.tools import replay
 
     return replay.replay_series(det, "s", ts, x.reshape(-1, 1))
 

@@ -1,4 +1,5 @@
-"""The simulated plant and its anomaly injector (streamlstm/simulate.py): pure parts, then one MQTT run."""
+"""The simulated plant and its anomaly injector (streamlstm/tools/simulate.py): pure parts, then one MQTT
+run."""
 import json
 import math
 import re
@@ -7,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from streamlstm import simulate
-from streamlstm.simulate import (KINDS, Anomaly, AnomalyInjector, Plant, apply_anomaly, clean_value, noise_draws,
-                                 plant_sensors, reading_value)
+from streamlstm.tools import simulate
+from streamlstm.tools.simulate import (KINDS, Anomaly, AnomalyInjector, Plant, apply_anomaly, clean_value,
+                                       noise_draws, plant_sensors, reading_value)
 
 DAY = 180.0
 RANGES = {"temp": (20.0, 80.0), "pressure": (1.0, 10.0), "flow": (100.0, 1000.0)}
@@ -217,7 +218,7 @@ def test_payload_format():
 
 
 def test_simulator_publishes_json_qos1_on_plant_topics():
-    from streamlstm.broker import amqtt_available, find_mosquitto, local_broker
+    from streamlstm.tools.broker import amqtt_available, find_mosquitto, local_broker
 
     if find_mosquitto() is None and not amqtt_available():
         pytest.skip("no MQTT broker: neither mosquitto nor amqtt is installed")

@@ -69,7 +69,7 @@ def learn_history(detector, sensor: str, seconds, values):
 
 def fit_history(config, path, sensor: str):
     """A fresh detector warm-started from the history in `path`."""
-    from .factory import build_detector
+    from ..factory import build_detector
 
     seconds, _, values = read_series(path)
     return learn_history(build_detector(config), sensor, seconds, values)
@@ -77,7 +77,7 @@ def fit_history(config, path, sensor: str):
 
 def _run_one(args) -> FileRun:
     config, job, warm = args
-    from .factory import build_detector
+    from ..factory import build_detector
 
     seconds, _, values = read_series(job.path)
     detector = build_detector(config)

@@ -70,20 +70,48 @@ def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def mosquitto_config(port: int, host: str = HOST) -> str:
+def mosquitto_config(port: int, host: str = HOST, *, max_queued_messages: int = 100000,
+                     max_inflight_messages: Optional[int] = None, persistence_dir: Optional[str] = None,
+                     autosave_interval: int = 0, log_connections: bool = False, tls_listeners=(),
+                     extra=()) -> str:
+    """mosquitto.conf of a loopback broker with anonymous access (the demo's; tests/mosquitto.py
+    adds persistence, TLS listeners, connection logging and `extra` lines).
+
+    `tls_listeners`: dicts with port, certfile, keyfile, cafile (or None), require_certificate.
+    """
     lines = [
+        # per_listener_settings false: allow_anonymous etc. apply to every listener.
+        "per_listener_settings false",
         f"listener {port} {host}",
         "allow_anonymous true",
         # The default (1000) silently drops QoS 1 messages for a subscriber that lags.
-        "max_queued_messages 100000",
-        "persistence false",
+        f"max_queued_messages {max_queued_messages}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",
     ]
+    if log_connections:
+        lines += ["log_type notice", "log_type information", "connection_messages true", "log_timestamp true"]
+    if max_inflight_messages is not None:
+        lines.append(f"max_inflight_messages {max_inflight_messages}")
     if os.geteuid() == 0:
         # As root mosquitto would switch to user "mosquitto", who may not read our temp dir.
         lines.append(f"user {pwd.getpwuid(0).pw_name}")
+    if persistence_dir is not None:
+        lines += [
+            "persistence true",
+            f"persistence_location {persistence_dir}/",
+            # 0: save only on exit/SIGUSR1; >0 also every N seconds (so a SIGKILL keeps something).
+            f"autosave_interval {autosave_interval}",
+        ]
+    else:
+        lines.append("persistence false")
+    for tls in tls_listeners:
+        lines += [f"listener {tls['port']} {host}", f"certfile {tls['certfile']}", f"keyfile {tls['keyfile']}"]
+        if tls["cafile"]:
+            lines.append(f"cafile {tls['cafile']}")
+        lines.append(f"require_certificate {'true' if tls['require_certificate'] else 'false'}")
+    lines += list(extra)
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ from typing import Iterable, Optional, Sequence, TextIO
 import yaml
 
 from . import broker as broker_mod
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
 from .simulate import KINDS, Anomaly, AnomalyInjector, Plant, Simulator
 
 __all__ = ["Detection", "Match", "add_arguments", "classify_event", "daemon_config", "main", "match_events",
@@ -503,7 +503,7 @@ class _Demo:
 # --------------------------------------------------------------------------- entry point
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The demo's options, for `streamlstm demo` (cli.py) and ``python -m streamlstm.demo``."""
+    """The demo's options, for `streamlstm demo` (cli.py) and ``python -m streamlstm.tools.demo``."""
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                    help="end after this many seconds of plant time (default: run until Ctrl-C)")
     p.add_argument("--sensors", type=int, default=50, help="simulated sensors (default 50)")

@@ -15,7 +15,7 @@ reproducible and testable without MQTT:
 ``t0 + tick/rate`` (wall clock at the start plus demo time), so an event's ``start`` maps back to
 demo time exactly, however late the message travelled.
 
-Run alone against any broker: ``python -m streamlstm.simulate --port 1883 --duration 600``.
+Run alone against any broker: ``python -m streamlstm.tools.simulate --port 1883 --duration 600``.
 """
 from __future__ import annotations
 
@@ -341,7 +341,7 @@ class Simulator:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m streamlstm.simulate",
+    p = argparse.ArgumentParser(prog="python -m streamlstm.tools.simulate",
                                 description="Publish a simulated plant with injected anomalies to MQTT.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)

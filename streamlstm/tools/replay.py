@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from .detector.detector import _Reading
+from ..detector.detector import _Reading
 
 # anomaly_score is the alert-suppressed score (what NAB thresholds); raw_score the per-reading one.
 ROW_FIELDS = ("timestamp", "value", "prediction", "residual", "anomaly_score", "is_anomaly", "raw_score")
