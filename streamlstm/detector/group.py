@@ -113,7 +113,6 @@ class GroupDetector:
         self.incidents = IncidentFilter(self.threshold, s.min_duration, s.hysteresis, s.cooldown)
         self.open: dict[int, Incident] = {}
         self._enabled = np.array([c in s.channels for c in CHANNELS])
-        self.trace = None  # a list to append (slots, evidence per channel before and after calibration) to
         self.last_ts = np.zeros(0)
         self.interval = np.zeros(0)
         self.seen = np.zeros(0, np.int64)
@@ -218,7 +217,6 @@ class GroupDetector:
         channels[~self._enabled] = 0.0
         # Before the peak references calibrate it; nothing counts during warm-up.
         evidence = np.where(live, channels[:3].max(axis=0), 0.0)
-        raw_channels = channels.copy() if self.trace is not None else None
         extra = np.zeros(len(slots))
         if self.peaks:
             extra = self.peaks["model"].offset(slots)
@@ -232,8 +230,6 @@ class GroupDetector:
         channels = np.where(live, channels, 0.0)
         score = log10_tail_to_score(channels.max(axis=0))
         fired = channels.argmax(axis=0)
-        if self.trace is not None:
-            self.trace.append((slots.copy(), raw_channels, channels.copy()))
         is_anomaly, opened, closed = self.incidents.step(slots, score, ts, armed)
         accepted = self._accept(slots, is_anomaly & ~opened)
         closed |= accepted
@@ -259,10 +255,8 @@ class GroupDetector:
         # stays open while the sensor is away from the normal it had before (the scale stops
         # learning then too), until it returns or accept_after makes the new level normal.
         self.range_scorer.update(slots, range_smoothed, np.where(learn & ~is_anomaly, weight, 0.0))
-        if accepted.any():
-            # The new level is the new normal: the scale re-centres on it.
-            self.scaler.rebase(slots[accepted], values[accepted], s.scaling_warmup)
-            self.range_scorer.reset(slots[accepted])
+        # The new level is the new normal: the scale re-centres on it.
+        self._rebase_level(slots[accepted], values[accepted])
         # Residuals made while the scale was still settling are meaningless (a std from a
         # handful of readings): they must not set the residual baseline.
         self.scorer.update(slots, smoothed, np.where(has_pred & learn, weight, 0.0))
@@ -355,9 +349,7 @@ class GroupDetector:
         # level: it re-centres on the sensor's first reading back, keeping the learnt spread,
         # models and baselines (what a warm start from old history keeps).
         stale = gap & (dt > self.settings.scaling_horizon * self.interval[slots])
-        if stale.any():
-            self.scaler.rebase(slots[stale], values[stale], self.settings.scaling_warmup)
-            self.range_scorer.reset(slots[stale])
+        self._rebase_level(slots[stale], values[stale])
         for k in np.flatnonzero(gap):
             slot = slots[k]
             out.resets.append((self.names[slot], "gap"))
@@ -367,6 +359,13 @@ class GroupDetector:
                 incident.end = float(self.last_ts[slot])
                 incident.reason = "gap"
                 out.events.append(("resolved", incident))
+
+    def _rebase_level(self, slots, values):
+        """Re-centre the scale of `slots` on `values` (spread kept, settling as after warm-up)
+        and restart the range channel's smoothing from its baseline."""
+        if len(slots):
+            self.scaler.rebase(slots, values, self.settings.scaling_warmup)
+            self.range_scorer.reset(slots)
 
     def close_all(self):
         """Close every open incident without events (the end of a warm-start fit: a live start
@@ -386,9 +385,7 @@ class GroupDetector:
         if n <= 0:
             return np.zeros(len(slots), bool)
         accepted = still_open & (self.incidents.length[slots] >= n)
-        if accepted.any():
-            self.incidents.force_close(slots[accepted])
-            self.incidents.cooldown[slots[accepted]] = self.settings.cooldown
+        self.incidents.force_close(slots[accepted], cooldown=True)
         return accepted
 
     def _events(self, slots, ts, values, prediction, residual, score, opened, closed, accepted, fired, is_anomaly, out):

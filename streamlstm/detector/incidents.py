@@ -80,9 +80,12 @@ class IncidentFilter:
         self.open[slots] = now_open
         return now_open, opened, closed
 
-    def force_close(self, slots):
-        """Close open incidents (sensor reset): returns the mask of slots that were open."""
+    def force_close(self, slots, cooldown: bool = False):
+        """Close open incidents (sensor reset; with `cooldown`, as a close by the score does):
+        returns the mask of slots that were open."""
         was = self.open[slots].copy()
         self.open[slots] = False
         self.above[slots] = 0
+        if cooldown:
+            self.cooldown[slots] = self.cooldown_len
         return was

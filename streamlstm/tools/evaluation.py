@@ -19,6 +19,7 @@ scalar series (NAB) and vector series (SKAB: 8 inputs per reading) alike.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -107,15 +108,10 @@ def run_jobs(config, jobs: list[Job], processes: int = 0, warm=None) -> list[Fil
     workers = processes or min(len(work), os.cpu_count() or 1)
     progress = Progress(len(work), "evaluate: files replayed")
     runs = []
-    if workers > 1:
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            for run in pool.map(_run_one, work):
-                runs.append(run)
-                progress.update(len(runs))
-        return runs
-    for w in work:
-        runs.append(_run_one(w))
-        progress.update(len(runs))
+    with concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for run in (pool.map if pool is not None else map)(_run_one, work):
+            runs.append(run)
+            progress.update(len(runs))
     return runs
 
 
