@@ -140,6 +140,11 @@ class AutoBackend:
     def name(self):
         return self.active.name
 
+    def place(self, bank, batch: int):
+        """Move the bank to the GPU if a batch of `batch` sensors warrants it (the compiled
+        detector pass asks before each batch; train/forward ask themselves)."""
+        self._maybe_move(bank, batch)
+
     def _maybe_move(self, bank, batch: int):
         if self.active.name == "cuda" or batch < self.cuda_min_batch:
             return

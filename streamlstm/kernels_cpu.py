@@ -119,16 +119,17 @@ def _train_range(
             status[b] = STATUS_SKIPPED
 
 
-@njit(**_JIT)
-def _finish_shared(theta, m, v, adam_t, hp, ip, acc, count):
-    """Mean of the accumulated per-sensor gradients -> one shared update."""
+@register_jitable
+def shared_update(theta, m, v, adam_t, hp, ip, acc, count, mean):
+    """Mean of the accumulated per-sensor gradients -> one shared update (mean: scratch (P,))."""
     total = 0
     for ch in range(count.shape[0]):
         total += count[ch]
     if total == 0:
         return
     P = theta.shape[1]
-    mean = np.zeros(P, dtype=theta.dtype)
+    for k in range(P):
+        mean[k] = 0.0
     for ch in range(acc.shape[0]):
         for k in range(P):
             mean[k] += acc[ch, k]
@@ -138,6 +139,11 @@ def _finish_shared(theta, m, v, adam_t, hp, ip, acc, count):
     step = adam_t[0] + 1
     if apply_update(theta[0], m[0], v[0], mean, step, hp[HP_LR], hp, ip[IP_OPTIMIZER]):
         adam_t[0] = step
+
+
+@njit(**_JIT)
+def _finish_shared(theta, m, v, adam_t, hp, ip, acc, count):
+    shared_update(theta, m, v, adam_t, hp, ip, acc, count, np.empty(theta.shape[1], dtype=theta.dtype))
 
 
 @njit(**_JIT)

@@ -98,8 +98,17 @@ def forward_one(theta_row, offs, x, clip, h, c, pred, gates, buf):
 
 
 @register_jitable
+def copy_state(dst, src):
+    """dst[:, :] = src for (L, H) state: a loop, because array assignment may copy through a
+    temporary, which needs Numba's allocator (the detector pass runs without it)."""
+    for i in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[i, j] = src[i, j]
+
+
+@register_jitable
 def all_finite(a):
-    for v in a.ravel():
+    for v in a.flat:  # not ravel(): a new array object needs Numba's allocator
         if not math.isfinite(v):
             return False
     return True
@@ -112,8 +121,8 @@ def push_and_forward(s, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, 
     pos = ring_pos[s]
     for i in range(x.shape[0]):
         ring_x[s, pos, i] = clip_value(x[i], clip)
-    ring_h[s, pos] = h[s]
-    ring_c[s, pos] = c[s]
+    copy_state(ring_h[s, pos], h[s])
+    copy_state(ring_c[s, pos], c[s])
     ring_pos[s] = (pos + 1) % T
     if ring_len[s] < T:
         ring_len[s] += 1
@@ -170,8 +179,8 @@ def window_grad(
             tg[k, o] = xs[k + 1, tlo + o]
     for o in range(O):
         tg[n - 1, o] = clip_value(x_new[tlo + o], clip)
-    hs[0] = ring_h[s, start]
-    cs[0] = ring_c[s, start]
+    copy_state(hs[0], ring_h[s, start])
+    copy_state(cs[0], ring_c[s, start])
 
     # Forward with caches.
     for t in range(n):

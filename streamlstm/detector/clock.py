@@ -24,11 +24,25 @@ import numpy as np
 
 
 class ClockGuard:
+    """Per-slot state: `run` (in-order readings in the current run behind the last timestamp,
+    0: none) and `prev` (the timestamp of the last of them); arrays, so the compiled pass
+    (compiled.py) keeps the very same state."""
+
     def __init__(self, max_skew_s: float, jump_readings: int, now: Callable[[], float] = time.time):
         self.max_skew_s = float(max_skew_s)
         self.jump_readings = int(jump_readings)
         self._now = now
-        self._behind: dict = {}  # slot -> (readings in the current run behind, timestamp of the last)
+        self.run = np.zeros(0, np.int64)
+        self.prev = np.zeros(0)
+
+    def now(self) -> float:
+        return self._now()
+
+    def grow(self, n: int):
+        extra = n - len(self.run)
+        if extra > 0:
+            self.run = np.concatenate([self.run, np.zeros(extra, np.int64)])
+            self.prev = np.concatenate([self.prev, np.full(extra, -np.inf)])
 
     def check(self, slots, ts, last_ts, interval):
         """(refused, rebased) masks over the round; re-based slots get a new `last_ts` (in place)."""
@@ -36,26 +50,21 @@ class ClockGuard:
         rebased = np.zeros(len(slots), bool)
         if self.max_skew_s <= 0:
             return refused, rebased
+        if len(slots):
+            self.grow(int(np.max(slots)) + 1)
         limit = self._now() + self.max_skew_s
         refused = ts > limit
         last = last_ts[slots]
         ahead = (last > limit) & ~refused
         behind = (ts < last - self.max_skew_s) & ~refused
-        if self._behind:
-            for k in np.flatnonzero(~behind):
-                self._behind.pop(int(slots[k]), None)
-        for k in np.flatnonzero(behind & ~ahead):
-            slot = int(slots[k])
-            run, prev = self._behind.get(slot, (0, -np.inf))
-            run = run + 1 if ts[k] > prev else 1
-            if run >= self.jump_readings:
-                ahead[k] = True
-                self._behind.pop(slot, None)
-            else:
-                self._behind[slot] = (run, float(ts[k]))
-        for k in np.flatnonzero(ahead):
-            slot = slots[k]
-            # Just before this reading: the interval estimate (and the gap reset) stay as they were.
-            last_ts[slot] = ts[k] - interval[slot] if interval[slot] > 0 else -np.inf
-            self._behind.pop(int(slot), None)
+        counting = behind & ~ahead
+        run = np.where(ts > self.prev[slots], self.run[slots] + 1, 1)
+        jumped = counting & (run >= self.jump_readings)
+        ahead |= jumped
+        keep = counting & ~jumped
+        self.run[slots] = np.where(keep, run, 0)
+        self.prev[slots] = np.where(keep, ts, -np.inf)
+        # Just before this reading: the interval estimate (and the gap reset) stay as they were.
+        step_back = np.where(interval[slots] > 0, ts - interval[slots], -np.inf)
+        last_ts[slots[ahead]] = step_back[ahead]
         return refused, ahead

@@ -15,9 +15,10 @@ import numpy as np
 from ..bank import ModelBank
 from ..spec import ModelSpec
 from .clock import ClockGuard
+from .compiled_driver import CompiledPass
 from .incidents import Incident, IncidentFilter
 from .scaling import FixedScaler, RunningScaler
-from .scores import (HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, PeakReference, StuckScorer,
+from .scores import (HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, PeakReference, RowStore, StuckScorer,
                      log10_tail_to_score, score_to_log10)
 from .seasonal import SeasonalProfiles
 from .settings import CHANNELS, DetectorSettings
@@ -71,7 +72,8 @@ def rounds(slots: np.ndarray) -> list:
 
 
 class GroupDetector:
-    def __init__(self, name: str, spec: ModelSpec, settings: DetectorSettings, shared: bool, backend):
+    def __init__(self, name: str, spec: ModelSpec, settings: DetectorSettings, shared: bool, backend,
+                 engine: str = "auto"):
         self.name = name
         self.spec = spec
         self.settings = settings
@@ -86,26 +88,32 @@ class GroupDetector:
             self.scaler = FixedScaler(I, s.scale_min, s.scale_max)
         else:
             self.scaler = RunningScaler(I, s.scaling_horizon)
+        periods = s.period_seconds if "seasonal" in s.channels else ()
+        # Likelihood state in one store, rows: model, range, one per seasonal period (compiled.py
+        # indexes them so); peak references in another, rows: model, seasonal, range.
+        self.score_store = RowStore(LikelihoodScorer.STATE, 2 + len(periods))
+        self.peak_store = RowStore(PeakReference.STATE, len(CALIBRATED))
         if s.score == "ksigma":
-            self.scorer = KSigmaScorer(s.ksigma, s.long_window, s.min_residual_scale)
+            self.scorer = KSigmaScorer(s.ksigma, s.long_window, s.min_residual_scale, self.score_store)
             self.threshold = self.scorer.threshold_score()
         elif s.score == "dynamic":
             self.scorer = DynamicScorer(s.long_window, s.short_window, s.threshold, s.min_residual_scale)
+            self.score_store.take_row()  # the model's row stays unused
             self.threshold = s.threshold
         else:
-            self.scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale)
+            self.scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale, self.score_store)
             self.threshold = s.threshold
         # Seasonal channels: one profile and one residual likelihood per period, learnt by
         # every scorer type alike (their tail probability is what gets combined).
-        periods = s.period_seconds if "seasonal" in s.channels else ()
         self.seasonal = SeasonalProfiles(periods, spec.output_size, s.seasonal_alpha, s.seasonal_max_bins) if periods else None
-        self.season_scorers = [LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale) for _ in periods]
+        self.range_scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale, self.score_store)
+        self.season_scorers = [LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale, self.score_store)
+                               for _ in periods]
         # The range channel: how far the reading is from the sensor's running normal (the
         # scaler's mean and std, which stop learning while an incident is open, so it keeps
         # measuring the distance from the normal the sensor had before the incident).
-        self.range_scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale)
         # Peak references calibrate each channel's evidence to the sensor's own peaks.
-        self.peaks = {c: PeakReference(s.peak_memory) for c in CALIBRATED} if s.peak_memory > 0 else {}
+        self.peaks = {c: PeakReference(s.peak_memory, self.peak_store) for c in CALIBRATED} if s.peak_memory > 0 else {}
         # Stuck evidence saturates a little above the alert threshold: enough to open an
         # incident at any threshold, never outranking strong residual evidence.
         stuck_cap = HALF_L * self.threshold / (1.0 - self.threshold) + 1.0
@@ -119,6 +127,10 @@ class GroupDetector:
         self.alert_peak = np.zeros(0)
         self._outputs = slice(spec.target_index, spec.target_index + O)
         self.kernel_seconds = 0.0  # time inside the model backend (replay reports its share)
+        # The compiled pass (compiled.py) where it covers the configuration and the model runs
+        # on the CPU; the NumPy path below is its readable oracle (and serves the rest).
+        self.engine = engine
+        self._compiled = CompiledPass(self) if engine != "numpy" and CompiledPass.supports(self) else None
 
     # --- sensors ----------------------------------------------------------------------
 
@@ -143,9 +155,12 @@ class GroupDetector:
         self.alert_peak = np.concatenate([self.alert_peak, np.zeros(extra)])
         self.scaler.grow(cap)
         self.scorer.grow(cap)
-        for obj in [self.range_scorer, *self.season_scorers, *self.peaks.values()] + ([self.seasonal] if self.seasonal else []):
-            obj.grow(cap)
+        self.score_store.grow(cap)
+        self.peak_store.grow(cap)
+        if self.seasonal is not None:
+            self.seasonal.grow(cap)
         self.incidents.grow(cap)
+        self.clock.grow(cap)
         if self.stuck is not None:
             self.stuck.grow(cap, self.spec.input_size)
 
@@ -162,6 +177,9 @@ class GroupDetector:
             out.reason[i] = "non_finite"
         slots = np.array([self.slot_of(s) if ok else -1 for s, ok in zip(sensors, finite)], dtype=np.int64)
         good = np.flatnonzero(finite)
+        if self._use_compiled(len(np.unique(slots[good])) if len(good) else 0):
+            self._compiled.process(slots, good, timestamps, values, out)
+            return out
         for positions in rounds(slots[good]):
             idx = good[positions]
             self._round(idx, slots[idx], timestamps[idx], values[idx], out)
@@ -297,6 +315,14 @@ class GroupDetector:
             self._reset(slots[k])
             self.seen[slots[k]] = 0
         self._events(slots, ts, values, prediction, residual, score, opened, closed, accepted, fired, is_anomaly, out)
+
+    def _use_compiled(self, distinct_sensors: int) -> bool:
+        if self._compiled is None:
+            return False
+        place = getattr(self.bank.backend, "place", None)
+        if place is not None:  # auto: a batch this wide may move the bank to the GPU
+            place(self.bank, distinct_sensors)
+        return self.bank.backend.name == "cpu"
 
     def _baseline_count(self, slots):
         """Readings in the model-residual baseline (the count of the scorer's moments)."""

@@ -13,18 +13,25 @@ import math
 
 import numpy as np
 from numba import vectorize
+from numba.extending import register_jitable
 
 HALF_L = 5.0  # score 0.5 at p = 1e-5
 LN10 = math.log(10.0)
 
 
-@vectorize(["float64(float64)"], cache=True, nopython=True)
-def neg_log10_upper_tail(z):
-    """-log10 Q(z) of the Gaussian upper tail; asymptotic series where erfc would underflow."""
+@register_jitable
+def tail_log10(z):
+    """-log10 Q(z) of the Gaussian upper tail; asymptotic series where erfc would underflow.
+    Scalar, shared by the NumPy detector (vectorised below) and the compiled pass."""
     if z < 8.0:
         return -math.log10(max(0.5 * math.erfc(z / math.sqrt(2.0)), 1e-300))
     inv2 = 1.0 / (z * z)
     return (0.5 * z * z + math.log(z * math.sqrt(2.0 * math.pi)) - math.log(1.0 - inv2 + 3.0 * inv2 * inv2)) / LN10
+
+
+@vectorize(["float64(float64)"], cache=True, nopython=True)
+def neg_log10_upper_tail(z):
+    return tail_log10(z)
 
 
 def log10_tail_to_score(neg_log10_p: np.ndarray) -> np.ndarray:
@@ -38,9 +45,9 @@ def score_to_log10(score: np.ndarray) -> np.ndarray:
     return HALF_L * s / (1.0 - s)
 
 
-@vectorize(["float64(float64)"], cache=True, nopython=True)
-def _z_for_tail(p):
-    # Invert the Gaussian upper tail by bisection (only used for the reported band).
+@register_jitable
+def z_for_tail(p):
+    """Invert the Gaussian upper tail by bisection (only used for the reported band)."""
     lo, hi = -10.0, 40.0
     for _ in range(80):
         mid = 0.5 * (lo + hi)
@@ -51,7 +58,49 @@ def _z_for_tail(p):
     return 0.5 * (lo + hi)
 
 
-class LikelihoodScorer:
+@vectorize(["float64(float64)"], cache=True, nopython=True)
+def _z_for_tail(p):
+    return z_for_tail(p)
+
+
+class RowStore:
+    """Per-slot state of several scorers of one kind, each scorer a row of one 2D array per
+    field (rows, slots). The compiled pass takes the 2D arrays as they are (a parallel region
+    cannot take a tuple of arrays); each scorer reads and writes its row, a view."""
+
+    def __init__(self, fields, rows: int):
+        self.fields = tuple(fields)
+        self.arrays = {f: np.zeros((rows, 0)) for f in self.fields}
+        self._taken = 0
+
+    def take_row(self) -> int:
+        if self._taken >= len(self.arrays[self.fields[0]]):
+            raise ValueError("every row of this store is taken")
+        self._taken += 1
+        return self._taken - 1
+
+    def grow(self, n: int):
+        for f, a in self.arrays.items():
+            if a.shape[1] < n:
+                self.arrays[f] = np.concatenate([a, np.zeros((a.shape[0], n - a.shape[1]))], axis=1)
+
+
+def _row_view(name):
+    return property(lambda self: self._store.arrays[name][self._row], doc=f"per-slot {name} (a view)")
+
+
+class _Rows:
+    """Mixin: the STATE fields live in a row of a RowStore (a private one unless given)."""
+
+    def _attach(self, store):
+        self._store = store if store is not None else RowStore(self.STATE, 1)
+        self._row = self._store.take_row()
+
+    def grow(self, n: int):
+        self._store.grow(n)
+
+
+class LikelihoodScorer(_Rows):
     """Anomaly likelihood of the smoothed residual under its recent distribution.
 
     raw = |residual| (largest over outputs, scaled units); m = EWMA of raw over ~short_window;
@@ -64,19 +113,14 @@ class LikelihoodScorer:
 
     STATE = ("smooth", "mean", "var", "fmean", "fvar", "count")
 
-    def __init__(self, short_window: int, long_window: int, min_scale: float):
+    smooth, mean, var, fmean, fvar, count = (_row_view(name) for name in STATE)
+
+    def __init__(self, short_window: int, long_window: int, min_scale: float, store: RowStore | None = None):
         self.a_short = 2.0 / (short_window + 1.0)
         self.long_window = long_window
         self.fast_window = max(long_window / 10.0, 1.0)
         self.min_scale = min_scale
-        for name in self.STATE:
-            setattr(self, name, np.zeros(0))
-
-    def grow(self, n: int):
-        extra = n - len(self.smooth)
-        if extra > 0:
-            for name in self.STATE:
-                setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
+        self._attach(store)
 
     def _moments(self, slots):
         mean = np.minimum(self.mean[slots], self.fmean[slots])
@@ -119,8 +163,8 @@ class LikelihoodScorer:
 class KSigmaScorer(LikelihoodScorer):
     """Plain k-sigma on the instantaneous residual: the score crosses the threshold at k sigma."""
 
-    def __init__(self, ksigma: float, long_window: int, min_scale: float):
-        super().__init__(short_window=1, long_window=long_window, min_scale=min_scale)
+    def __init__(self, ksigma: float, long_window: int, min_scale: float, store: RowStore | None = None):
+        super().__init__(short_window=1, long_window=long_window, min_scale=min_scale, store=store)
         self.ksigma = ksigma
 
     def log10p(self, slots, raw):
@@ -233,7 +277,7 @@ class DynamicScorer:
         self.smooth[slots] = 0.0
 
 
-class PeakReference:
+class PeakReference(_Rows):
     """Calibrates a channel's evidence to the sensor's own recent peaks of evidence.
 
     A tail probability assumes the residual's recent distribution describes its tail; for
@@ -253,17 +297,12 @@ class PeakReference:
     STATE = ("peak", "base")
     GROWTH = 2.0
 
-    def __init__(self, window: int):
+    peak, base = _row_view("peak"), _row_view("base")  # base: the reference when the current excursion began
+
+    def __init__(self, window: int, store: RowStore | None = None):
         self.window = window
         self.floor = math.log10(max(window, 10))
-        self.peak = np.zeros(0)
-        self.base = np.zeros(0)  # the reference when the current excursion began
-
-    def grow(self, n: int):
-        extra = n - len(self.peak)
-        if extra > 0:
-            self.peak = np.concatenate([self.peak, np.zeros(extra)])
-            self.base = np.concatenate([self.base, np.zeros(extra)])
+        self._attach(store)
 
     def offset(self, slots):
         """Evidence taken off each slot's readings now (0 for a calibrated sensor)."""

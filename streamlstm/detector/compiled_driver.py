@@ -1,0 +1,314 @@
+"""Runs a GroupDetector's micro-batch through the compiled pass (compiled.py).
+
+Python work per batch: sort the readings by sensor, hand the group's state arrays to one
+kernel call (a few more when seasonal storage must be allocated), then turn the per-reading
+flags into reasons, resets and events. The state arrays are the GroupDetector's own, so the
+NumPy path and this one can take turns and checkpoints are the same.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import get_num_threads
+
+from ..lstm_math import hyper_arrays
+from . import compiled as k
+from .incidents import Incident
+from .scores import HALF_L, z_for_tail
+from .settings import CHANNELS
+
+REASONS = {k.R_NON_FINITE: "non_finite", k.R_CLOCK_SKEW: "clock_skew", k.R_DUPLICATE: "duplicate_timestamp",
+           k.R_LATE: "out_of_order"}
+
+
+class CompiledPass:
+    def __init__(self, group):
+        from .group import PEAK_BASELINE, PROTECT_LOG10, PROTECT_SCORE, SCORE_CLIP
+        from .scaling import FixedScaler
+
+        self.group = g = group
+        s = g.settings
+        spec = g.spec
+        fp = np.zeros(k.F_SIZE)
+        ip = np.zeros(k.I_SIZE, np.int64)
+        fp[k.F_THRESHOLD] = g.threshold
+        fp[k.F_RELEASE] = g.incidents.release
+        fp[k.F_A_SHORT] = g.range_scorer.a_short  # the model scorer of ksigma does not smooth
+        fp[k.F_LONG] = g.scorer.long_window
+        fp[k.F_FAST] = g.scorer.fast_window
+        fp[k.F_MIN_SCALE] = g.scorer.min_scale
+        peak = g.peaks.get("model")
+        fp[k.F_PEAK_FLOOR] = peak.floor if peak else 0.0
+        fp[k.F_PEAK_WINDOW] = peak.window if peak else 1.0
+        fp[k.F_PEAK_GROWTH] = peak.GROWTH if peak else 1.0
+        fp[k.F_STUCK_DECAY] = g.stuck.decay if g.stuck else 1.0
+        fp[k.F_STUCK_MAX] = g.stuck.max_log10 if g.stuck else 0.0
+        fixed = isinstance(g.scaler, FixedScaler)
+        fp[k.F_HORIZON] = 1.0 if fixed else g.scaler.horizon
+        fp[k.F_REL_FLOOR] = 0.0 if fixed else g.scaler.rel_floor
+        fp[k.F_ABS_FLOOR] = 0.0 if fixed else g.scaler.abs_floor
+        fp[k.F_CENTER] = g.scaler.center if fixed else 0.0
+        fp[k.F_HALF] = g.scaler.half if fixed else 1.0
+        fp[k.F_SEASON_ALPHA] = s.seasonal_alpha
+        fp[k.F_GAP] = s.gap_reset_intervals
+        fp[k.F_SKEW] = g.clock.max_skew_s
+        fp[k.F_DAMP] = s.damp_factor
+        fp[k.F_BAND_L0] = HALF_L * g.threshold / (1.0 - g.threshold)
+        fp[k.F_BAND_Z0] = z_for_tail(10.0 ** -fp[k.F_BAND_L0])
+        fp[k.F_INPUT_CLIP] = spec.input_clip
+        fp[k.F_PROTECT_SCORE] = PROTECT_SCORE
+        fp[k.F_PROTECT_LOG10] = PROTECT_LOG10
+        fp[k.F_SCORE_CLIP] = SCORE_CLIP
+        fp[k.F_SCALING_HORIZON] = s.scaling_horizon
+        ip[k.I_WARMUP] = s.warmup
+        ip[k.I_SCALING_WARMUP] = s.scaling_warmup
+        ip[k.I_FIXED] = fixed
+        ip[k.I_KSIGMA] = s.score == "ksigma"
+        ip[k.I_MIN_DURATION] = s.min_duration
+        ip[k.I_COOLDOWN] = s.cooldown
+        ip[k.I_ACCEPT_AFTER] = s.accept_after
+        ip[k.I_PROTECTION] = k.PROTECTIONS.index(s.learning_protection)
+        ip[k.I_CH_MODEL], ip[k.I_CH_SEASONAL], ip[k.I_CH_RANGE] = g._enabled[:3]
+        ip[k.I_HAS_PEAKS] = bool(g.peaks)
+        ip[k.I_HAS_STUCK] = g.stuck is not None
+        ip[k.I_STUCK_MIN] = g.stuck.min_readings if g.stuck else 0
+        ip[k.I_JUMP] = g.clock.jump_readings
+        ip[k.I_TRAIN_EVERY] = spec.train_every
+        ip[k.I_TARGET_LO] = spec.target_index
+        ip[k.I_SHARED] = g.shared
+        ip[k.I_PEAK_BASELINE] = min(PEAK_BASELINE, s.long_window)
+        ip[k.I_BASELINE] = min(s.warmup, s.long_window)
+        self.fp, self.ip = fp, ip
+        self.hp, self.model_ip = hyper_arrays(spec)
+        # Threads run the (nogil) kernels on disjoint sensors; Numba's worker count is the
+        # user's knob (NUMBA_NUM_THREADS) for both. A thread hand-off costs ~20 us: only for
+        # batches with enough readings, and shared-weight rounds with enough sensors.
+        self.threads = get_num_threads()
+        self.min_parallel_readings = 256
+        self.min_parallel_round = 64
+        self._pool = None
+        self._work = []  # per-thread scratch (make_work), reused across batches
+
+    @staticmethod
+    def supports(group) -> bool:
+        """The dynamic (Telemanom) scorer refits a window per reading: NumPy path only."""
+        return group.settings.score in ("likelihood", "ksigma")
+
+    # --- state ------------------------------------------------------------------------
+
+    def _state(self) -> k.State:
+        g = self.group
+        n = len(g.seen)
+        I, O = g.spec.input_size, g.spec.output_size
+        zeros = np.zeros(n)
+        scal = g.scaler
+        fixed = self.ip[k.I_FIXED]
+        wide = np.zeros((n, I))
+        st = g.stuck
+        se = g.seasonal
+        b = g.bank
+        return k.State(
+            g.last_ts, g.interval, g.seen, g.alert_peak, g.clock.run, g.clock.prev,
+            wide if fixed else scal.mean, wide if fixed else scal.var, zeros if fixed else scal.count,
+            wide if fixed else scal.prev, wide if fixed else scal.logdiff, wide if fixed else scal.ndiff,
+            *(g.score_store.arrays[name] for name in ("smooth", "mean", "var", "fmean", "fvar", "count")),
+            g.peak_store.arrays["peak"], g.peak_store.arrays["base"],
+            st.last if st else wide, st.run if st else zeros, st.longest if st else zeros,
+            st.repeats if st else zeros, st.total if st else zeros,
+            se.start if se else zeros, se.offset if se else np.zeros((n, 0), np.int64),
+            se.bins if se else np.zeros((n, 0), np.int64), se.bin_width if se else np.zeros((n, 0)),
+            se.pool if se else np.zeros((1, O), np.float32), se.periods if se else np.zeros(0),
+            g.incidents.above, g.incidents.open, g.incidents.cooldown, g.incidents.peak, g.incidents.peak_ts,
+            g.incidents.length,
+            b.theta, b.m, b.v, b.adam_t, b.h, b.c, b.ring_x, b.ring_h, b.ring_c, b.ring_pos, b.ring_len, b.pred,
+            b.since_train, b.offs, self.hp, self.model_ip,
+        )
+
+    def _rows(self, B, out) -> k.Rows:
+        g = self.group
+        I, O = g.spec.input_size, g.spec.output_size
+        K = g.seasonal.n_periods if g.seasonal is not None else 0
+        flag = lambda: np.zeros(B, np.bool_)  # noqa: E731
+        return k.Rows(
+            np.zeros(B, np.int8), out.prediction, out.residual, out.score, out.alert, out.is_anomaly, out.band, out.loss,
+            np.zeros(B, np.int8), flag(), flag(), flag(), flag(), np.zeros(B), np.zeros(B), np.zeros(B),
+            np.zeros(B, np.int64), np.zeros(B), np.zeros(B), np.zeros(B, np.int64), flag(), flag(), flag(), flag(),
+            np.zeros((B, I), g.spec.np_dtype), np.zeros(B), flag(), flag(), flag(), np.zeros(B), np.zeros(B),
+            np.zeros((B, K)), np.zeros((B, K), np.bool_), np.zeros((B, O)), np.zeros(B), np.zeros(B, np.int64),
+        )
+
+    # --- one batch ----------------------------------------------------------------------
+
+    def process(self, slots, good, ts, values, out):
+        g = self.group
+        B = len(slots)
+        rw = self._rows(B, out)
+        if len(good) == 0:
+            self._finish(slots, ts, values, rw, out, good)
+            return
+        order = good[np.argsort(slots[good], kind="stable")]
+        sorted_slots = slots[order]
+        first = np.r_[0, np.flatnonzero(np.diff(sorted_slots)) + 1].astype(np.int64)
+        nread = np.diff(np.r_[first, len(order)]).astype(np.int64)
+        sensor_slots = sorted_slots[first]
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        ts = np.ascontiguousarray(ts, dtype=np.float64)
+        self.fp[k.F_NOW] = g.clock.now() if g.clock.max_skew_s > 0 else 0.0
+        t0 = time.perf_counter()
+        if g.shared:
+            # most readings first, so round r's sensors are a prefix of the sensor list
+            by_count = np.argsort(-nread, kind="stable")
+            first, nread, sensor_slots = first[by_count], nread[by_count], sensor_slots[by_count]
+            self._rounds(order, first, nread, sensor_slots, ts, values, rw)
+        else:
+            self._walk(order, first, nread, sensor_slots, ts, values, rw)
+        g.kernel_seconds += time.perf_counter() - t0
+        self._finish(slots, ts, values, rw, out, good)
+
+    def _works(self, st, n: int, n_sensors: int):
+        """n thread scratches; they share the gradient sums (one row each) and the `ok` marks."""
+        if len(self._work) < n:
+            self._work = [k.make_work(st, 1) for _ in range(n)]
+            acc = np.zeros((n, st.theta.shape[1]), st.theta.dtype)
+            count = np.zeros(n, np.int64)
+            self._work = [w._replace(acc=acc, count=count) for w in self._work]
+        ok = np.zeros(max(n_sensors, 1), np.bool_)
+        return [w._replace(ok=ok) for w in self._work[:n]]
+
+    def _walk(self, order, first, nread, sensor_slots, ts, values, rw):
+        """Per-sensor weights: sensors walk their readings; threads take disjoint sensor ranges
+        with about equal numbers of readings."""
+        progress = np.zeros(len(first), np.int64)
+        n = len(first)
+        cuts = [0, n]
+        if self.threads > 1 and n > 1 and len(order) >= self.min_parallel_readings:
+            share = np.searchsorted(np.cumsum(nread), np.arange(1, self.threads) * len(order) / self.threads)
+            cuts = sorted(set([0, *np.minimum(share + 1, n).tolist(), n]))
+        while True:
+            stop = np.zeros(n, np.bool_)
+            st = self._state()
+            works = self._works(st, len(cuts) - 1, n)
+            args = (order, first, nread, sensor_slots, progress, stop, ts, values, st, rw, self.fp, self.ip)
+            self._map(k.walk_sensors, [(lo, hi) + args + (wk,) for lo, hi, wk in zip(cuts[:-1], cuts[1:], works)])
+            if not stop.any():
+                return
+            self._allocate(sensor_slots[stop], ts[order[first[stop] + progress[stop]]])
+
+    def _rounds(self, order, first, nread, sensor_slots, ts, values, rw):
+        """Shared weights, round by round (each sensor's r-th reading, one update per round):
+        rounds wide enough are split across threads, the rest run in one kernel call."""
+        n_rounds = int(nread.max())
+        active = (len(nread) - np.cumsum(np.bincount(nread))[:n_rounds]).astype(np.int64)
+        wide = int(np.sum(active >= self.min_parallel_round)) if self.threads > 1 else 0
+        stop = np.zeros(len(first), np.bool_)
+        r = 0
+        while r < n_rounds:
+            st = self._state()
+            if r < wide:
+                works = self._works(st, self.threads, len(first))
+                w0 = works[0]
+                n = int(active[r])
+                if k.profiles_due(r, n, order, first, sensor_slots, ts, st, stop, self.fp, self.ip):
+                    self._allocated_round(r, order, first, sensor_slots, ts, stop)
+                    continue
+                cuts = np.linspace(0, n, self.threads + 1).astype(np.int64).tolist()
+                common = (r, order, first, sensor_slots, ts, values, st, rw, self.fp, self.ip)
+                self._map(k.round_score, [(lo, hi) + common + (wk, ch, w0.ok)
+                                          for ch, (lo, hi, wk) in enumerate(zip(cuts[:-1], cuts[1:], works))])
+                k.round_update(st, w0.acc, w0.count, w0.mean)
+                self._map(k.round_learn, [(lo, hi) + common + (wk, w0.ok)
+                                          for lo, hi, wk in zip(cuts[:-1], cuts[1:], works)])
+                r += 1
+            else:
+                wk = self._works(st, 1, len(first))[0]
+                r = k.walk_rounds(r, n_rounds, order, first, sensor_slots, active, stop, ts, values, st, rw,
+                                  self.fp, self.ip, wk)
+                if r < n_rounds:
+                    self._allocated_round(r, order, first, sensor_slots, ts, stop)
+
+    def _allocated_round(self, r, order, first, sensor_slots, ts, stop):
+        self._allocate(sensor_slots[stop], ts[order[first[stop] + r]])
+        stop[:] = False
+
+    def _map(self, kernel, calls):
+        """Run kernel(*args) for each args; in threads when there are several (nogil kernels)."""
+        if len(calls) == 1:
+            kernel(*calls[0])
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="streamlstm-pass")
+        for f in [self._pool.submit(kernel, *args) for args in calls]:
+            f.result()
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _allocate(self, slots, ts):
+        """Seasonal storage that became due (SeasonalProfiles._enable, as the NumPy path)."""
+        g = self.group
+        g.seasonal._enable(slots, ts, g.interval[slots])
+
+    def _finish(self, slots, ts, values, rw, out, good):
+        g = self.group
+        reason = rw.reason
+        for i in np.flatnonzero(reason):
+            out.reason[i] = REASONS[int(reason[i])]
+        taken = np.zeros(len(slots), bool)
+        taken[good] = True
+        taken &= reason == k.R_OK
+        out.threshold[taken] = g.threshold
+        flags = rw.reset_clock | rw.reset_gap | rw.reset_nonfinite | rw.reset_implausible | rw.gap_closed | rw.opened | rw.closed
+        names = g.names
+        for b in np.flatnonzero(flags):
+            slot = int(slots[b])
+            name = names[slot]
+            if rw.reset_clock[b]:
+                out.resets.append((name, "clock_jump"))
+            if rw.reset_gap[b]:
+                out.resets.append((name, "gap"))
+            if rw.gap_closed[b]:
+                incident = g.open.pop(slot, None)
+                if incident is not None:
+                    incident.end = float(rw.gap_end[b])
+                    incident.reason = "gap"
+                    incident.peak_score = float(rw.gap_peak[b])
+                    incident.peak_timestamp = float(rw.gap_peak_ts[b])
+                    incident.readings = int(rw.gap_length[b])
+                    out.events.append(("resolved", incident))
+            if rw.closed[b]:
+                incident = g.open.pop(slot, None)
+                if incident is not None:
+                    incident.end = float(ts[b])
+                    incident.reason = "accepted" if rw.accepted[b] else "returned"
+                    incident.peak_score = float(rw.inc_peak[b])
+                    incident.peak_timestamp = float(rw.inc_peak_ts[b])
+                    incident.readings = int(rw.inc_length[b]) - int(rw.accepted[b])
+                    out.events.append(("resolved", incident))
+            if rw.reset_nonfinite[b]:
+                out.resets.append((name, "non_finite_state"))
+            if rw.reset_implausible[b]:
+                out.resets.append((name, "implausible_scale"))
+            if rw.opened[b]:
+                O = g.spec.output_size
+                incident = Incident(
+                    sensor=name, group=g.name, start=float(ts[b]), timestamp=float(ts[b]),
+                    value=values[b].tolist(), prediction=out.prediction[b, :O].tolist(),
+                    residual=out.residual[b, :O].tolist(), score=float(out.score[b]), threshold=float(g.threshold),
+                    peak_score=float(out.score[b]), peak_timestamp=float(ts[b]), readings=1,
+                    evidence=CHANNELS[int(rw.fired[b])],
+                )
+                g.open[slot] = incident
+                out.events.append(("anomaly", incident))
+        # incidents still open: what the NumPy path counts reading by reading
+        inc = g.incidents
+        if g.open:
+            for slot in np.unique(slots[taken]).tolist():
+                incident = g.open.get(slot)
+                if incident is not None and inc.open[slot]:
+                    incident.readings = int(inc.length[slot])
+                    incident.peak_score = float(inc.peak[slot])
+                    incident.peak_timestamp = float(inc.peak_ts[slot])
