@@ -363,9 +363,10 @@ class ModelConfig:
     hidden_size: int = _int(32, "LSTM hidden units", min=1, max=4096)
     num_layers: int = _int(1, "stacked LSTM layers", min=1, max=8)
     window: int = _int(32, "truncated-BPTT length T", min=1, max=10000)
-    train_every: int = _int(1, "one training step every N readings of a sensor", min=1)
+    train_every: int = _int(16, "one training window (truncated BPTT over `window` readings) every N readings of a sensor", min=1)
     optimizer: str = _choice("sgd", ("adam", "sgd"), "optimizer (sgd: steadier for one update per reading)")
-    learning_rate: float = _float(0.02, "learning rate (adam wants ~0.0005)", min=0, min_open=True, max=10)
+    learning_rate: float = _float(0.32, "step per training window; with sgd scale it with train_every (adam wants ~0.0005)",
+                                  min=0, min_open=True, max=10)
     loss: str = _choice("huber", ("mse", "huber"), "training loss")
     huber_delta: float = _float(1.0, "Huber loss delta", min=0, min_open=True)
     grad_clip: float = _float(1.0, "global gradient-norm clip", min=0, min_open=True)

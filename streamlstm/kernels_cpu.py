@@ -77,6 +77,7 @@ def _scratch(T, I, O, L, H, P, dtype_like):
         np.empty((2, L, H), dtype=dt),
         np.empty((5, max(4 * H, I)), dtype=dt),
         np.empty(P, dtype=dt),
+        np.empty((L, 2, 4 * H, H), dtype=dt),
     )
 
 
@@ -92,7 +93,7 @@ def _train_range(
     H = ring_h.shape[3]
     P = theta.shape[1]
     O = offs[L, 2] - offs[L, 1]
-    xs, tg, acts, hs, cs, masks, rec, bufs, grad = _scratch(T, I, O, L, H, P, theta)
+    xs, tg, acts, hs, cs, masks, rec, bufs, grad, wt = _scratch(T, I, O, L, H, P, theta)
     for b in range(lo, hi):
         s = slots[b]
         n = ring_len[s]
@@ -103,7 +104,7 @@ def _train_range(
         step = adam_t[row] + 1
         losses[b] = window_grad(
             theta[row], offs, hp, ip, step, s, ring_x, ring_h, ring_c, ring_pos[s], n, x[b], grad,
-            xs, tg, acts, hs, cs, masks, rec, bufs,
+            xs, tg, acts, hs, cs, masks, rec, bufs, wt,
         )
         if shared:
             if not all_finite(grad):

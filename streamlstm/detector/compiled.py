@@ -66,7 +66,7 @@ State = collections.namedtuple("State", [
 # Scratch of one thread (allocated in Python: the kernels run without Numba's reference counting,
 # which cost more than the detector's own arithmetic, so they must not allocate)
 Work = collections.namedtuple("Work", ["xs", "tg", "acts", "hs", "cs", "masks", "rec", "bufs", "grad", "gates", "buf",
-                                       "season", "acc", "count", "ok", "mean"])
+                                       "season", "acc", "count", "ok", "mean", "wt"])
 
 
 def make_work(st, n_sensors: int, accumulators: int = 1) -> Work:
@@ -80,7 +80,7 @@ def make_work(st, n_sensors: int, accumulators: int = 1) -> Work:
         np.empty((T + 1, L, H), dt), np.ones((T, L, H), dt), np.empty((2, L, H), dt), np.empty((5, max(4 * H, I)), dt),
         np.empty(P, dt), np.empty(4 * H, dt), np.empty(max(H, I), dt), np.empty(max(st.se_periods.shape[0], 1)),
         np.zeros((accumulators, P), dt), np.zeros(accumulators, np.int64), np.zeros(max(n_sensors, 1), np.bool_),
-        np.empty(P, dt),
+        np.empty(P, dt), np.empty((L, 2, 4 * H, H), dt),
     )
 
 
@@ -479,7 +479,7 @@ def train_reading(b, s, st, rw, ip, wk, ch):
     step = st.adam_t[row] + 1
     rw.loss[b] = window_grad(
         st.theta[row], st.offs, st.hp, st.ip, step, s, st.ring_x, st.ring_h, st.ring_c, st.ring_pos[s], n, rw.z[b],
-        grad, wk.xs, wk.tg, wk.acts, wk.hs, wk.cs, wk.masks, wk.rec, wk.bufs,
+        grad, wk.xs, wk.tg, wk.acts, wk.hs, wk.cs, wk.masks, wk.rec, wk.bufs, wk.wt,
     )
     if shared:
         if not all_finite(grad):
