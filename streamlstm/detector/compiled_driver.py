@@ -87,7 +87,7 @@ class CompiledPass:
         # batches with enough readings, and shared-weight rounds with enough sensors.
         self.threads = get_num_threads()
         self.min_parallel_readings = 256
-        self.min_parallel_round = 64
+        self.min_parallel_round = 256  # measured: a hand-off per round costs more than 64 sensors of work
         self._pool = None
         self._work = []  # per-thread scratch (make_work), reused across batches
 
