@@ -45,7 +45,7 @@ from .backend import BackendUnavailable, make_backend
 from .checkpoint import CheckpointError, CheckpointStore
 from .config import ConfigError, load_config
 from .errors import EXIT_FAILURE, EXIT_OK, config_error
-from .factory import build_detector, group_configs
+from .factory import build_detector
 from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
 from .logfmt import configure_logging
 from .messages import event_message, format_time, state_message
@@ -58,6 +58,7 @@ from .reading_queue import ReadingQueue
 from .restore import MOVED_ASIDE, RESTORED, checkpoint_meta, restore_detector
 from .runtime_config import expand_paths, input_specs
 from .sdnotify import SdNotifier
+from .spec import ModelSpec
 from .status import detector_rows, remove_status, write_status
 from .version import package_version
 from .warmup import warm_kernels
@@ -564,13 +565,13 @@ class Daemon:
     def _apply_reload(self, req: _Reload) -> None:
         """Worker thread: move the learned state into a detector built from the new config."""
         try:
-            new_groups = {g.name: g for g in group_configs(req.config)}
+            new_groups = {g.name: g for g in req.config.groups}
             old = self.detector
             for name, gd in old.active.items():
                 g = new_groups.get(name)
                 if g is None:
                     continue
-                want = (g.spec(gd.spec.input_size).shape_key(), g.weights == "shared")
+                want = (ModelSpec.from_config(g.model, gd.spec.input_size).shape_key(), g.weights == "shared")
                 have = (gd.spec.shape_key(), gd.shared)
                 if want != have:
                     raise ReloadRefused(

@@ -13,8 +13,7 @@ __all__ = ["warm_kernels"]
 def _glob_free(config):
     """Per configured group, a one-group copy matching every sensor (dummy sensors need no
     name that fits the group's glob)."""
-    from .factory import group_configs
-    return [dataclasses.replace(g, match="*") for g in group_configs(config)]
+    return [dataclasses.replace(g, match="*") for g in config.groups]
 
 
 def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
@@ -25,6 +24,7 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
     """
     from .backend import make_backend
     from .detector.detector import Detector, _Reading
+    from .spec import ModelSpec
 
     b = config.backend
     widths = sorted({i.width for i in config.inputs} | {1})  # fields / influx inputs: one value each
@@ -33,7 +33,7 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
         t0 = time.perf_counter()
         for width in widths:
             try:
-                spec = group.spec(width)
+                spec = ModelSpec.from_config(group.model, width)
             except ValueError:
                 continue  # e.g. target_feature outside this width: such readings are refused anyway
             rounds = group.detector.scaling_warmup + spec.window + spec.train_every + 2

@@ -6,13 +6,13 @@ the others use a small model to stay fast.
 import numpy as np
 
 from streamlstm.backend import make_backend
-from streamlstm.config import parse_config
+from streamlstm.config import ModelConfig, parse_config
 from streamlstm.detector import Detector, DetectorSettings, GroupConfig
 from streamlstm.detector.detector import _Reading
 from streamlstm.factory import build_detector
 from streamlstm.tools import replay
 
-SMALL_MODEL = {"hidden_size": 8, "window": 8, "learning_rate": 0.05}
+SMALL_MODEL = ModelConfig(hidden_size=8, window=8, learning_rate=0.05)
 
 
 def default_detector():

@@ -11,26 +11,13 @@ import fnmatch
 
 import numpy as np
 
+from ..config import GroupConfig
 from ..spec import ModelSpec
 from .group import OK, BatchResult, GroupDetector
-from .settings import DetectorSettings
 
-WEIGHTS = ("shared", "per_sensor")
+__all__ = ["Detector", "DetectorBatch", "GroupConfig", "Outcome"]
+
 ROUTE_CACHE_FACTOR = 2  # the routing cache holds at most this many times max_sensors ids
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupConfig:
-    name: str = "default"
-    match: str = "*"
-    weights: str = "shared"
-    model: dict = dataclasses.field(default_factory=dict)  # ModelSpec fields but input_size
-    detector: DetectorSettings = DetectorSettings()
-
-    def spec(self, input_size: int) -> ModelSpec:
-        names = {f.name for f in dataclasses.fields(ModelSpec)}
-        kwargs = {k: v for k, v in dict(self.model).items() if k in names and k != "input_size"}
-        return ModelSpec(input_size=input_size, **kwargs)
 
 
 @dataclasses.dataclass
@@ -88,18 +75,10 @@ class DetectorBatch:
 
 class Detector:
     def __init__(self, groups, backend_factory, max_sensors: int = 100_000):
-        """groups: GroupConfig list (first match wins; a '*' group is appended if none
-        catches everything). backend_factory(group_name) -> a backend for that group's bank."""
-        groups = list(groups)
-        if not any(g.match == "*" for g in groups):
-            groups.append(GroupConfig())
-        names = [g.name for g in groups]
-        if len(set(names)) != len(names):
-            raise ValueError(f"group names must be unique: {names}")
-        for g in groups:
-            if g.weights not in WEIGHTS:
-                raise ValueError(f"group {g.name!r}: weights must be one of {WEIGHTS}")
-        self.groups = groups
+        """groups: a validated configuration's groups (config.GroupConfig: first match wins,
+        names unique, one catches '*'). backend_factory(group_name) -> a backend for that
+        group's bank."""
+        self.groups = list(groups)
         self.backend_factory = backend_factory
         self.max_sensors = max_sensors
         self.active: dict[str, GroupDetector] = {}
@@ -121,8 +100,8 @@ class Detector:
     def _detector(self, group: GroupConfig, width: int) -> GroupDetector | None:
         det = self.active.get(group.name)
         if det is None:
-            det = GroupDetector(group.name, group.spec(width), group.detector, group.weights == "shared",
-                                self.backend_factory(group.name))
+            det = GroupDetector(group.name, ModelSpec.from_config(group.model, width), group.detector,
+                                group.weights == "shared", self.backend_factory(group.name))
             self.active[group.name] = det
         return det if det.spec.input_size == width else None
 
@@ -217,8 +196,8 @@ class Detector:
             if group is None:
                 continue  # the group was removed from the config: its sensors start fresh
             width = int(m["shape"][0])
-            det = GroupDetector(name, group.spec(width), group.detector, group.weights == "shared",
-                                self.backend_factory(name))
+            det = GroupDetector(name, ModelSpec.from_config(group.model, width), group.detector,
+                                group.weights == "shared", self.backend_factory(name))
             prefix = f"{name}/"
             mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             _check_per_sensor_shapes(name, mine, m)
