@@ -29,17 +29,12 @@ from prometheus_client.exposition import make_wsgi_app
 from .config import ConfigError, read_secret
 from .connguard import ConnectionGuard
 from .ratelimit import RateLimitedLogger
+from .reasons import REJECTION_REASONS
 
 __all__ = ["Metrics", "MetricsServer", "REJECTION_REASONS", "serve"]
 
 log = logging.getLogger(__name__)
 
-# docs/design.md: every reason is exported from the start (0), so rate() works from the first scrape.
-REJECTION_REASONS = (
-    "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic", "too_large",
-    "bad_timestamp", "duplicate_timestamp", "out_of_order", "sensor_cap", "wrong_arity",
-    "unavailable", "bad_line_protocol", "bad_sensor_id", "clock_skew",
-)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 SILENT_EVERY_S = 5.0  # recount silent sensors at most this often (O(sensors) per recount)
@@ -106,7 +101,7 @@ class Metrics:
                                     ["reason"], registry=r)
         for reason in ("over_cap", "timeout"):
             self.http_dropped.labels(reason)
-        for reason in REJECTION_REASONS:
+        for reason in REJECTION_REASONS:  # all exported from the start (0): rate() works from the first scrape
             self.rejected.labels(reason)
         self.per_sensor = per_sensor
         self.per_sensor_cap = per_sensor_cap

@@ -40,6 +40,8 @@ from typing import Callable, NamedTuple
 from .config import InputConfig, MqttConfig, section_problems
 from .fields import MISSING as _FIELD_MISSING, FieldSelector
 from .influx import SYNTAX as _INFLUX_SYNTAX, LineError, parse_lines
+from .reading import Reading
+from .reasons import PARSER_REASONS
 from .sensor_names import SensorName
 from .topic_template import TopicTemplate, valid_sensor_id
 
@@ -52,11 +54,7 @@ __all__ = [
     "TopicTemplate",
 ]
 
-# The parser's subset of the rejection reasons in docs/design.md.
-REASONS = frozenset({
-    "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic",
-    "too_large", "bad_timestamp", "wrong_arity", "unavailable", "bad_line_protocol", "bad_sensor_id",
-})
+REASONS = PARSER_REASONS  # what `ParseResult.rejected` may say (reasons.py)
 _UNIT_DIVISOR = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
 BATCH_SENSOR_FIELD = "sensor"
 MAX_BATCH_READINGS = 100_000
@@ -66,12 +64,6 @@ MAX_JSON_DEPTH = 128
 MAX_TIMESTAMP = 32503680000.0  # 3000-01-01T00:00:00Z
 _DETAIL_CHARS = 80
 _MAX_PAYLOAD_FIELD = MqttConfig.__dataclass_fields__["max_payload_bytes"]  # same key, same rules
-
-
-class Reading(NamedTuple):
-    sensor: str
-    timestamp: float  # seconds since the epoch
-    values: tuple  # tuple[float, ...], finite
 
 
 class ParseResult(NamedTuple):

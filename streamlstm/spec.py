@@ -21,6 +21,11 @@ from .config import ModelConfig
 OPT_ADAM, OPT_SGD = 0, 1
 LOSS_MSE, LOSS_HUBER = 0, 1
 
+# Per-element outcome of a step, as the kernels and the reference return it.
+STATUS_OK = 0
+STATUS_RESET = 1  # non-finite state or prediction: the sensor's state was reset
+STATUS_SKIPPED = 2  # non-finite gradient: the update was skipped
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec(ModelConfig):

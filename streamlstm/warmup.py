@@ -23,7 +23,8 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
     to train, on throwaway detectors: nothing is kept. Returns {group: seconds}.
     """
     from .backend import make_backend
-    from .detector.detector import Detector, _Reading
+    from .detector.detector import Detector
+    from .reading import Reading
     from .spec import ModelSpec
 
     b = config.backend
@@ -47,7 +48,7 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
                 det = Detector([group], backend, max_sensors=sensors)
                 t = np.arange(rounds, dtype=np.float64)
                 wave = np.sin(t / 3.0)
-                readings = [_Reading(f"warmup-{k}", 1.0e9 + t[r],
+                readings = [Reading(f"warmup-{k}", 1.0e9 + t[r],
                                      tuple(float(wave[r] + 0.1 * k + 0.01 * j) for j in range(width)))
                             for r in range(rounds) for k in range(sensors)]
                 det.process(readings)

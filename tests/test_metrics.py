@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy_metrics import PROMETHEUS_BUILTINS, deployed_metric_names, design_metric_names, normalise
 from streamlstm.config import parse_config
-from streamlstm.detector.detector import _Reading
+from streamlstm.reading import Reading
 from streamlstm.factory import build_detector
 from streamlstm.metrics import REJECTION_REASONS, Metrics, serve
 
@@ -69,9 +69,9 @@ def _observed_metrics(per_sensor=True, cap=1000):
     for t in range(N):
         for k in range(3):
             value = np.sin(t / 5) + 0.1 * rng.normal() + k + (5.0 if (k == 0 and t == N - 50) else 0.0)
-            readings.append(_Reading(f"s{k}", 1000.0 + t, (float(value),)))
-    readings.append(_Reading("s1", 5000.0, (1.0,)))  # a long gap: model reset "gap"
-    readings.append(_Reading("s1", 4000.0, (1.0,)))  # out_of_order
+            readings.append(Reading(f"s{k}", 1000.0 + t, (float(value),)))
+    readings.append(Reading("s1", 5000.0, (1.0,)))  # a long gap: model reset "gap"
+    readings.append(Reading("s1", 4000.0, (1.0,)))  # out_of_order
     for start in range(0, len(readings), 100):
         batch = det.process(readings[start:start + 100])
         m.observe_batch(batch, {name: 0.001 for name in batch.losses})

@@ -12,6 +12,7 @@ import fnmatch
 import numpy as np
 
 from ..config import GroupConfig
+from ..reading import Reading
 from ..spec import ModelSpec
 from .group import OK, BatchResult, GroupDetector
 
@@ -162,7 +163,7 @@ class Detector:
     def learn_one(self, sensor: str, timestamp: float, values) -> Outcome:
         """Score one reading, then learn from it (river's score_one + learn_one in one step:
         an online LSTM must see every reading to carry its state)."""
-        return self.process([_Reading(sensor, timestamp, tuple(np.atleast_1d(values)))]).outcome(0)
+        return self.process([Reading(sensor, timestamp, tuple(np.atleast_1d(values)))]).outcome(0)
 
     def score_one(self, sensor: str, values) -> float | None:
         """Residual score of a hypothetical next reading, without changing any state."""
@@ -219,10 +220,3 @@ def _check_per_sensor_shapes(group: str, arrays: dict, meta: dict) -> None:
         if getattr(arr, "ndim", 0) < 1 or arr.shape[0] != n:
             raise ValueError(f"group {group!r}: array {key!r} has shape {getattr(arr, 'shape', None)}, "
                              f"expected {n} rows (one per sensor)")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Reading:
-    sensor: str
-    timestamp: float
-    values: tuple
