@@ -368,17 +368,13 @@ class Daemon:
                 self.mqtt.ack(token)
 
     def _process(self, readings: list) -> None:
-        det = self.detector
-        before = {name: g.kernel_seconds for name, g in det.active.items()}
-        batch = det.process(readings)
-        step = {name: g.kernel_seconds - before.get(name, 0.0) for name, g in det.active.items()
-                if name in batch.losses}
+        batch = self.detector.process(readings)
         self.processed += len(readings)
         scores = self._last_scores
         for i, reason in enumerate(batch.reason):
             if not reason:
                 scores[batch.sensors[i]] = float(batch.score[i])
-        self.metrics.observe_batch(batch, step)
+        self.metrics.observe_batch(batch)
         self._sync_sensor_gauges()
         self._log_rejections(batch)
         self._log_resets(batch)
@@ -458,8 +454,7 @@ class Daemon:
             if announce and sensor not in self._announced and self._announce(sensor):
                 with self._announce_lock:
                     self._announced.add(sensor)
-            width = self.detector.active[batch.groups[i]].spec.output_size
-            if self.mqtt.publish(topic.replace("{sensor}", sensor), state_message(batch, i, width),
+            if self.mqtt.publish(topic.replace("{sensor}", sensor), state_message(batch, i, int(batch.width[i])),
                                  qos=1, retain=True):
                 self._state_sent[sensor] = (now, flag)
 

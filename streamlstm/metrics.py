@@ -50,6 +50,8 @@ class Metrics:
         self.build_info = Gauge("streamlstm_build_info", "Build information (always 1).",
                                 ["version", "backend"], registry=r)
         self.build_info.labels(version, backend).set(1)
+        self._version, self._backend = version, backend
+        self._group_backends: dict = {}  # group -> backend that last ran it (auto moves groups to CUDA)
         self.readings = Counter("streamlstm_readings_total", "Readings accepted by the detector.",
                                 ["group"], registry=r)
         self.rejected = Counter("streamlstm_readings_rejected_total", "Readings or payloads rejected, by reason.",
@@ -118,6 +120,8 @@ class Metrics:
 
     def init_groups(self, groups) -> None:
         """Export the group-labelled series at 0 before the first reading."""
+        groups = list(groups)
+        self._group_backends = {g: b for g, b in self._group_backends.items() if g in groups}  # reload
         for g in groups:
             self.readings.labels(g)
             self.anomalies.labels(g)
@@ -138,8 +142,12 @@ class Metrics:
 
     # --- per batch ---------------------------------------------------------------------
 
-    def observe_batch(self, batch, step_seconds: dict) -> None:
-        """Count one `DetectorBatch` (see detector.py); `step_seconds`: {group: kernel seconds}."""
+    def observe_batch(self, batch, step_seconds: Optional[dict] = None) -> None:
+        """Count one `DetectorBatch` (see detector.py); `step_seconds`: {group: kernel seconds},
+        by default the batch's own."""
+        self._note_backends(batch.backends)
+        if step_seconds is None:
+            step_seconds = batch.step_seconds
         n = len(batch)
         self.batch_size.observe(n)
         for group, seconds in step_seconds.items():
@@ -172,6 +180,16 @@ class Metrics:
         for group, loss in batch.losses.items():
             if loss == loss:  # NaN: no training step ran in this batch
                 self.model_loss.labels(group).set(loss)
+
+    def _note_backends(self, backends: dict) -> None:
+        """build_info{backend} says what runs: e.g. "cuda" once `auto` moved every group there,
+        "cpu+cuda" while only some are."""
+        self._group_backends.update(backends)
+        label = "+".join(sorted(set(self._group_backends.values()))) or self._backend
+        if label != self._backend:
+            self.build_info.remove(self._version, self._backend)
+            self.build_info.labels(self._version, label).set(1)
+            self._backend = label
 
     def _observe_sensor(self, group, sensor, batch, i) -> None:
         key = (group, sensor)

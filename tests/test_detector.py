@@ -289,3 +289,32 @@ def test_mixed_sensor_batch_matches_single_sensor_runs():
     batch = mixed.process(readings)
     solo = run(small_detector(groups=groups), xa, sensor="a")
     np.testing.assert_allclose(batch.score[0::2], solo["score"], atol=1e-6)
+
+
+def test_score_one_is_the_score_process_gives_and_changes_nothing():
+    x = noisy_sine(400, seed=9)
+    for warm in (30, 300):  # in warm-up, and past it (seasonal, peak and stuck stages run)
+        det = small_detector(warmup=50)
+        run(det, x[:warm])
+        t = 60.0 * warm
+        arrays, meta = det.state_dict()
+        for value in (float(x[warm]), float(x[warm]) + 6.0):
+            score = det.score_one("s", t, value)
+            after, after_meta = det.state_dict()
+            assert after_meta == meta and after.keys() == arrays.keys()
+            for key in arrays:
+                np.testing.assert_array_equal(after[key], arrays[key], err_msg=key)
+        batch = det.process([Reading("s", t, (float(x[warm]) + 6.0,))])
+        assert batch.reason == [""]
+        assert score == float(batch.score[0])
+    assert det.score_one("unknown", t, 1.0) is None
+    assert det.score_one("s", t, 1.0) is None  # the same timestamp again: process would reject it
+
+
+def test_batch_carries_width_step_seconds_and_backend():
+    det = small_detector(warmup=50)
+    batch = det.process([Reading("s", 1.0, (1.0,)), Reading("s", 2.0, (1.0, 2.0))])
+    assert batch.reason == ["", "wrong_arity"]
+    assert batch.width.tolist() == [1, 2]  # the group's model output; the unrouted reading's own
+    assert set(batch.step_seconds) == {"default"} and batch.step_seconds["default"] >= 0
+    assert batch.backends == {"default": "cpu"}
