@@ -104,7 +104,7 @@ class InputSpec(InputConfig):
     """
 
     max_payload_bytes: int = dataclasses.field(
-        default=MqttConfig.max_payload_bytes, metadata=_MAX_PAYLOAD_FIELD.metadata)
+        default=_MAX_PAYLOAD_FIELD.default, metadata=_MAX_PAYLOAD_FIELD.metadata)
     template: TopicTemplate = dataclasses.field(init=False, repr=False, compare=False)
 
     @classmethod
