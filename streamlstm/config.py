@@ -13,6 +13,11 @@ Entry points:
   secrets, never their contents.
 * ``describe_schema()``: one line per key, for ``check-config`` style output.
 
+The sections are also the runtime objects, so a default or a rule lives here only: the detector
+runs on ``GroupConfig`` and ``DetectorConfig`` as they are; ``spec.ModelSpec`` is ``ModelConfig``
+plus the input width the data decides; ``payload.InputSpec`` is ``InputConfig`` plus the payload
+size limit and the compiled topic template (topic_template.py holds the topic grammar).
+
 Every problem is collected and reported at once in one ``ConfigError`` (one
 ``key.path: reason`` per line, e.g. ``groups[1].model.window: expected an integer >= 1 and
 <= 10000, got 0``). YAML syntax errors carry line and column; nothing in here lets another
@@ -29,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import math
 import os
 import re
@@ -42,13 +46,14 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
-from .detector.settings import CHANNELS, parse_duration
+from .topic_template import filter_matches, subscription_filter, template_problem, topic_problem
 
 __all__ = [
     "BackendConfig", "CheckpointConfig", "Config", "ConfigError", "DetectorConfig",
     "GroupConfig", "HomeAssistantConfig", "InputConfig", "LoggingConfig", "MetricsConfig",
     "ModelConfig", "MqttConfig", "OutputConfig", "PipelineConfig", "TlsConfig",
-    "describe_schema", "load_config", "loads_config", "parse_config", "read_secret",
+    "describe_schema", "load_config", "loads_config", "parse_config", "parse_duration", "read_secret",
+    "section_problems",
 ]
 
 # Limits against hostile or broken files (a config is a few KiB).
@@ -132,71 +137,42 @@ def _section(cls, doc):
     return _f(None, _Spec("section", doc, cls=cls), factory=cls)
 
 
-# --------------------------------------------------------------------------- topic checks
+# --------------------------------------------------------------------------- value checks
 
-_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+CHANNELS = ("model", "seasonal", "range", "stuck")  # evidence an event names as what fired
+FORMATS = ("auto", "number", "json", "batch", "influx")
+TIMESTAMP_UNITS = ("s", "ms", "us", "ns", "iso")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])\s*$")
 
 
-def _topic_common(t: str, allowed: tuple[str, ...]) -> Optional[str]:
-    if "\0" in t:
-        return "must not contain NUL characters"
-    if len(t.encode("utf-8", "surrogatepass")) > 65535:
-        return "is longer than MQTT allows (65535 bytes)"
-    for ph in _PLACEHOLDER.findall(t):
-        if ph not in allowed:
-            ok = " or ".join(allowed) if allowed else "none"
-            return f"unknown placeholder {ph} (allowed: {ok})"
-    rest = _PLACEHOLDER.sub("", t)
-    if "{" in rest or "}" in rest:
-        return "has an unbalanced { or }"
-    if "+" in rest or "#" in rest:
-        return "must not contain the MQTT wildcards + or # (the {sensor} placeholder is the wildcard)"
-    return None
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as "1d", "7d", "12h", "90m", "3600s"."""
+    m = _DURATION.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a positive duration such as '1d', '12h', '30m' or '3600s', got {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _reason(problem) -> Optional[str]:
+    return problem.reason if problem else None
 
 
 def _check_input_topic(t: str) -> Optional[str]:
-    # The template becomes the subscription: {sensor} -> '+', {sensor+} -> '#'. MQTT
-    # wildcards stand for whole levels and '#' must be last, hence the level rules.
-    problem = _topic_common(t, ("{sensor}", "{sensor+}"))
-    if problem:
-        return problem
-    if t.count("{sensor}") + t.count("{sensor+}") != 1:
-        return "must contain {sensor} or {sensor+} exactly once"
-    levels = t.split("/")
-    for i, level in enumerate(levels):
-        if "{sensor" in level and level not in ("{sensor}", "{sensor+}"):
-            return "the placeholder must be a whole topic level, e.g. 'sensors/{sensor}'"
-        if level == "{sensor+}" and i != len(levels) - 1:
-            return "{sensor+} (several levels) must be the last topic level"
-    return None
+    return _reason(template_problem(t))
 
 
 def _check_publish_topic(t: str) -> Optional[str]:
-    return _topic_common(t, ("{sensor}",))
+    return _reason(topic_problem(t, ("{sensor}",)))
 
 
 def _check_state_topic(t: str) -> Optional[str]:
-    return _topic_common(t, ("{sensor}",)) or (
+    return _check_publish_topic(t) or (
         None if "{sensor}" in t else "must contain {sensor} (one retained topic per sensor)")
 
 
 def _check_plain_topic(t: str) -> Optional[str]:
-    return _topic_common(t, ())
-
-
-def subscription_filter(template: str) -> str:
-    """MQTT subscription filter of an input topic template."""
-    return template.replace("{sensor+}", "#").replace("{sensor}", "+")
-
-
-def _filter_matches(filt: str, topic: str) -> bool:
-    f, t = filt.split("/"), topic.split("/")
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t) or (level != "+" and level != t[i]):
-            return False
-    return len(f) == len(t)
+    return _reason(topic_problem(t))
 
 
 def _check_host(h: str) -> Optional[str]:
@@ -298,12 +274,12 @@ class MqttConfig:
 class InputConfig:
     topic: str = _str("sensors/{sensor}", "topic template; {sensor} (one level) or {sensor+} (last levels) is the sensor id",
                       required=True, check=_check_input_topic)
-    format: str = _choice("auto", ("auto", "number", "json", "batch", "influx"), "payload format")
+    format: str = _choice("auto", FORMATS, "payload format")
     value_fields: tuple[str, ...] = _f(("value",), _Spec("strlist", "JSON field paths (dotted) of the value(s); several = one vector reading",
                                                          check=_check_field_path))
     timestamp_field: Optional[str] = _str("ts", "JSON field of the timestamp (absent or null: arrival time)",
                                           nullable=True, check=_check_field_path)
-    timestamp_unit: str = _choice("s", ("s", "ms", "us", "ns", "iso"), "unit of the timestamp field")
+    timestamp_unit: str = _choice("s", TIMESTAMP_UNITS, "unit of the timestamp field")
     timestamp_tz: Optional[str] = _str(None, "IANA time zone of ISO timestamps without an offset (null: UTC)",
                                        nullable=True, check=_check_timezone)
     fields: tuple[str, ...] = _f((), _Spec(
@@ -339,6 +315,9 @@ class InputConfig:
     def _problems(self):
         from .sensor_names import template_problem
         has_fields = bool(self.fields)
+        if self.format == "number" and len(self.value_fields) != 1:
+            yield "value_fields", ("value_fields", "format"), \
+                f"format number carries one value, but value_fields has {len(self.value_fields)}"
         if has_fields and self.format not in ("auto", "json", "influx"):
             yield "fields", ("fields", "format"), f"needs format auto, json or influx, got {self.format!r}"
         if has_fields and "*" in self.fields and len(self.fields) > 1:
@@ -419,6 +398,10 @@ class DetectorConfig:
     clock_jump_readings: int = _int(20, "consecutive in-order readings more than max_clock_skew_s behind a "
                                     "sensor's last one that re-base its clock", min=1)
 
+    @property
+    def period_seconds(self) -> tuple:
+        return tuple(parse_duration(p) for p in self.seasonal_periods)
+
     def _problems(self):
         lo, hi = self.scale_min, self.scale_max
         if self.scaling == "fixed":
@@ -434,17 +417,16 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class GroupConfig:
-    name: str = _str(dataclasses.MISSING, "group name (metric label, checkpoint file name)", required=True,
+    # Required in the file; the defaults are the implicit catch-all group (and serve code
+    # that builds a one-group detector).
+    name: str = _str("default", "group name (metric label, checkpoint file name)", required=True,
                      check=_check_group_name)
-    match: str = _str(dataclasses.MISSING, "glob over sensor ids; the first matching group wins", required=True)
+    match: str = _str("*", "glob over sensor ids; the first matching group wins", required=True)
     weights: str = _choice("shared", ("shared", "per_sensor"), "one model for the group or one per sensor")
     model: ModelConfig = _f(None, _Spec("override", "overrides of the top-level model keys", cls=ModelConfig),
                             factory=ModelConfig)
     detector: DetectorConfig = _f(None, _Spec("override", "overrides of the top-level detector keys",
                                               cls=DetectorConfig), factory=DetectorConfig)
-
-    def matches(self, sensor_id: str) -> bool:
-        return fnmatch.fnmatchcase(sensor_id, self.match)
 
 
 @dataclass(frozen=True)
@@ -546,16 +528,10 @@ class Config:
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpoints")
     logging: LoggingConfig = _section(LoggingConfig, "logging")
 
-    def group_for(self, sensor_id: str) -> GroupConfig:
-        """The first group whose ``match`` glob matches ``sensor_id`` (there always is one)."""
-        for g in self.groups:
-            if g.matches(sensor_id):
-                return g
-        raise LookupError(sensor_id)  # unreachable for a validated Config: a group matches "*"
-
 
 def _specs(cls) -> list[tuple[str, _Spec]]:
-    return [(f.name, f.metadata["spec"]) for f in dataclasses.fields(cls)]
+    # Runtime subclasses (spec.ModelSpec, payload.InputSpec) add fields that are no config keys.
+    return [(f.name, f.metadata["spec"]) for f in dataclasses.fields(cls) if "spec" in f.metadata]
 
 
 # --------------------------------------------------------------------------- value display
@@ -967,7 +943,7 @@ def _convert_strlist(spec: _Spec, v, path: str, errs: _Errors):
             errs.add(f"{path}[{i}]", val)
             ok = False
         elif val in out:
-            errs.add(f"{path}[{i}]", f"duplicate {val!r}")
+            errs.add(f"{path}[{i}]", f"{val!r} duplicates {path}[{out.index(val)}]")
             ok = False
         else:
             out.append(val)
@@ -1014,7 +990,7 @@ def _parse_fields(cls, raw, path: str, errs: _Errors, *, base=None, entry=False,
             if spec.required and entry and not shape_bad:
                 errs.add(p, "required key is missing")
                 bad.add(name)
-            values[name] = default if default is not dataclasses.MISSING else ""
+            values[name] = default
             continue
         v = raw[name]
         kind = spec.kind
@@ -1040,7 +1016,7 @@ def _parse_fields(cls, raw, path: str, errs: _Errors, *, base=None, entry=False,
             else:
                 errs.add(p, val)
                 bad.add(name)
-                values[name] = default if default is not dataclasses.MISSING else ""
+                values[name] = default
     if any(spec.kind in ("groups", "override") for _, spec in specs):
         return values, bad  # the caller finishes the object
     obj = cls(**values)
@@ -1153,7 +1129,7 @@ def _check_topics(cfg: Config, errs: _Errors) -> None:
     for key, topic in outputs:
         sample = topic.replace("{sensor}", "x")
         for i, inp in enumerate(cfg.inputs):
-            if _check_input_topic(inp.topic) is None and _filter_matches(inp.subscription, sample):
+            if _check_input_topic(inp.topic) is None and filter_matches(inp.subscription, sample):
                 errs.add(key, f"is also matched by inputs[{i}].topic {inp.topic!r}: "
                               f"the daemon would read its own messages")
                 break
@@ -1244,6 +1220,27 @@ def read_secret(path, key: Optional[str] = None) -> str:
     return text
 
 
+def section_problems(obj, skip=()) -> list[tuple[str, str]]:
+    """[(key, reason)] for each value of a section object the schema refuses: objects built in
+    code rather than parsed (payload.InputSpec) are held to the same rules."""
+    errs = _Errors()
+    bad: set[str] = set()
+    for name, spec in _specs(type(obj)):
+        if name in skip or spec.kind in ("section", "entries", "groups", "override"):
+            continue
+        value = getattr(obj, name)
+        if spec.kind == "strlist":
+            ok, _ = _convert_strlist(spec, value, name, errs)
+        else:
+            ok, reason = _convert(spec, value)
+            if not ok:
+                errs.add(name, reason)
+        if not ok:
+            bad.add(name)
+    _cross_check(obj, "", errs, bad, None)
+    return errs.items
+
+
 def describe_schema() -> str:
     """Every key with type, default, constraints and description, one per line."""
     lines: list[str] = []
@@ -1261,7 +1258,7 @@ def describe_schema() -> str:
                 walk(spec.cls, p + "[]")
             else:
                 d = _default(cls, name)
-                dflt = "required" if d is dataclasses.MISSING else f"default {_show(d) if not isinstance(d, tuple) else list(d)}"
+                dflt = "required" if spec.required else f"default {_show(d) if not isinstance(d, tuple) else list(d)}"
                 lines.append(f"{p}: {_expected(spec)}; {dflt}; {spec.doc}")
 
     walk(Config, "")

@@ -6,10 +6,11 @@ Threads
   counts rejected payloads, and puts ``(reading, ack token)`` entries into `ReadingQueue`.
 * worker (the only thread that touches the detector): takes up to ``pipeline.max_batch``
   entries, waiting at most ``pipeline.max_delay_ms`` for a batch to fill, makes one
-  `Detector.process` call, publishes events / state, updates metrics, acks, pings the watchdog,
-  takes checkpoint snapshots and applies reloads between batches.
-* checkpoint writer: writes the snapshots the worker hands over (a slow disk does not stall
-  the worker); the final checkpoint at shutdown is written by the worker itself.
+  `Detector.process` call, hands the batch to `BatchOutput` (metrics, logs, events, state,
+  Home Assistant discovery), acks, pings the watchdog, takes checkpoint snapshots and applies
+  reloads (`reload_policy`) between batches.
+* checkpoint writer (`Checkpointer`): writes the snapshots the worker hands over (a slow disk
+  does not stall the worker); the final checkpoint at shutdown is written by the main thread.
 * main: start-up, signals (SIGTERM/SIGINT stop, SIGHUP reload), shutdown.
 
 Backpressure and acks: the queue holds ``pipeline.queue_size`` entries (one per reading, one
@@ -29,7 +30,6 @@ broker redelivers what was not acked yet (readings with a timestamp are then rej
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import faulthandler
 import logging
@@ -42,23 +42,25 @@ from typing import Optional
 from prometheus_client import CollectorRegistry
 
 from .backend import BackendUnavailable, make_backend
+from .batch_output import BatchOutput
 from .checkpoint import CheckpointError, CheckpointStore
+from .checkpointer import Checkpointer
 from .config import ConfigError, load_config
 from .errors import EXIT_FAILURE, EXIT_OK, config_error
-from .factory import build_detector, group_configs
-from .homeassistant import BIRTH_ONLINE, birth_topic, discovery_messages, state_topic
+from .factory import build_detector
+from .homeassistant import BIRTH_ONLINE, birth_topic, state_topic
 from .logfmt import configure_logging
-from .messages import event_message, format_time, state_message
 from .metrics import Metrics, serve
 from .mqtt_io import MqttIO
 from .payload import ParseResult, PayloadParser
 from .preflight import preflight
 from .ratelimit import RateLimitedLogger
 from .reading_queue import ReadingQueue
+from .reload_policy import ReloadRefused, check_shapes, keep_restart_only, restart_only_changes
 from .restore import MOVED_ASIDE, RESTORED, checkpoint_meta, restore_detector
 from .runtime_config import expand_paths, input_specs
 from .sdnotify import SdNotifier
-from .status import detector_rows, remove_status, write_status
+from .status import detector_rows
 from .version import package_version
 from .warmup import warm_kernels
 
@@ -68,7 +70,6 @@ log = logging.getLogger("streamlstm")
 
 DRAIN_TIMEOUT_S = 60.0        # SIGTERM: longest drain before the final checkpoint (TimeoutStopSec=120)
 IDLE_WAKE_S = 0.5             # worker wakes at least this often (watchdog, checkpoints, reloads)
-STATE_MIN_INTERVAL_S = 1.0    # per-sensor state topic: at most one message per second unless the flag flips
 STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
 STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py) ...
 STATUS_FILE_SENSORS_PER_S = 2000  # ... but less often with many sensors (100k: every 50 s)
@@ -77,36 +78,11 @@ RELOAD_TIMEOUT_S = 120.0
 
 # ----------------------------------------------------------------------------------------- daemon
 
-class ReloadRefused(Exception):
-    pass
-
-
 @dataclasses.dataclass
 class _Reload:
     config: object
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     error: Optional[str] = None
-
-
-# Changing these needs a restart; a reload keeps the running values.
-_RESTART_ONLY = ("mqtt", "metrics", "backend", "pipeline.queue_size", "checkpoint.directory")
-
-
-def _restart_only_changes(old, new) -> list:
-    changed = []
-    for key in _RESTART_ONLY:
-        a, b = old, new
-        for part in key.split("."):
-            a, b = getattr(a, part), getattr(b, part)
-        if a != b:
-            changed.append(key)
-    return changed
-
-
-def _keep_restart_only(old, new):
-    new = dataclasses.replace(new, mqtt=old.mqtt, metrics=old.metrics, backend=old.backend)
-    new = dataclasses.replace(new, pipeline=dataclasses.replace(new.pipeline, queue_size=old.pipeline.queue_size))
-    return dataclasses.replace(new, checkpoint=dataclasses.replace(new.checkpoint, directory=old.checkpoint.directory))
 
 
 class Daemon:
@@ -130,14 +106,8 @@ class Daemon:
         self.queue = ReadingQueue(config.pipeline.queue_size)
         self.parser = PayloadParser(input_specs(config))
         self.store = CheckpointStore(config.checkpoint.directory)
-        self._ckpt_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self._ckpt_future: Optional[concurrent.futures.Future] = None
-        self._last_ckpt_unix: Optional[float] = None
-        self._state_sent: dict = {}  # sensor -> (monotonic time, anomaly flag) of the last state message
-        # Sensors announced to Home Assistant (re-announced on reconnect and HA's birth message, from
-        # paho's network thread, while the worker adds new ones): guarded by _announce_lock.
-        self._announced: set = set()
-        self._announce_lock = threading.Lock()
+        self.checkpointer: Optional[Checkpointer] = None
+        self.output: Optional[BatchOutput] = None
         self._worker: Optional[threading.Thread] = None
         self._counts = (0, 0)  # (sensors, active groups), written by the worker for status lines
         self._backend_name = "unknown"
@@ -164,14 +134,16 @@ class Daemon:
         self.metrics = Metrics(self.registry, version=package_version(), backend=backend_name,
                                per_sensor=m.per_sensor, per_sensor_cap=m.per_sensor_cap,
                                silent_after_s=m.silent_after_s)
+        self.checkpointer = Checkpointer(self.store, self._snapshot, self.metrics, self.rlog)
         self.metrics.init_groups([g.name for g in cfg.groups])
         self.metrics.track_queue(lambda: len(self.queue), self.queue.capacity)
-        self.metrics.track_checkpoint_age(self._checkpoint_age)
+        self.metrics.track_checkpoint_age(self.checkpointer.age)
         # Before anything slow: secrets and TLS files are checked here (ConfigError -> exit 2).
         self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self._subscriptions(self.parser), self._on_message,
                            metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
                            read_gate=self.queue.wait_for_room,
                            log_interval_s=cfg.logging.rejected_log_interval_s, on_connected=self._on_connected)
+        self.output = BatchOutput(cfg, self.mqtt, self.metrics, self.rlog)
         if cfg.output.homeassistant.enabled and cfg.output.state_topic is None:
             log.info("Home Assistant discovery: per-sensor state on %s", state_topic(cfg.output))
         if m.enabled:
@@ -184,20 +156,13 @@ class Daemon:
             self.metrics.checkpoint_errors.inc()
         if outcome == RESTORED:
             age = self.store.age_seconds()
-            self._last_ckpt_unix = None if age is None else time.time() - age
+            self.checkpointer.last_unix = None if age is None else time.time() - age
             log.info("checkpoint %s loaded: %d sensors", self.store.path, self.detector.sensor_count())
         else:
             log.info("no usable checkpoint in %s: starting with fresh models", self.store.directory)
         self._sync_sensor_gauges()
         self._backend_name = backend_name
-        if cfg.output.homeassistant.enabled:
-            # Restored sensors keep their entities: announced again on connect.
-            with self._announce_lock:
-                self._announced.update(n for g in self.detector.active.values() for n in g.names)
-
-    def _checkpoint_age(self) -> Optional[float]:
-        last = self._last_ckpt_unix
-        return None if last is None else max(0.0, time.time() - last)
+        self.output.announced(n for g in self.detector.active.values() for n in g.names)
 
     def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT (or `request_stop`), shut down. Exit status."""
@@ -249,30 +214,14 @@ class Daemon:
     def _on_connected(self) -> None:
         """Network thread, after each (re)connect: a broker without persistence lost our retained
         discovery messages."""
-        self._announce_all("connected")
-
-    def _announce_all(self, why: str) -> None:
-        if not self.config.output.homeassistant.enabled:
-            return
-        with self._announce_lock:
-            sensors = sorted(self._announced)
-        for sensor in sensors:
-            self._announce(sensor)
-        if sensors:
-            log.info("Home Assistant discovery (%s): %d sensors announced", why, len(sensors))
-
-    def _announce(self, sensor: str) -> bool:
-        ok = True
-        for topic, payload in discovery_messages(self.config, sensor, package_version()):
-            ok = self.mqtt.publish(topic, payload, qos=1, retain=True) and ok
-        return ok
+        self.output.announce_all("connected")
 
     def _on_message(self, topic, payload, token) -> None:
         if (topic is not None and self.config.output.homeassistant.enabled
                 and topic == birth_topic(self.config.output)):
             # Home Assistant (re)started: it forgot the entities, announce them again.
             if bytes(payload).strip() == BIRTH_ONLINE:
-                self._announce_all("Home Assistant birth message")
+                self.output.announce_all("Home Assistant birth message")
             if token is not None:
                 self.queue.put([(None, token)])  # acked in turn: PUBACKs keep the arrival order
             return
@@ -335,10 +284,10 @@ class Daemon:
                 self.notifier.watchdog()  # only from here: a stuck worker stops the pings
                 last_ping = now
             if now >= next_ckpt:
-                self._checkpoint_async()
+                self.checkpointer.save_async()
                 next_ckpt = now + self.config.checkpoint.interval_s
             if now >= next_status_file and not self.queue.closed:
-                self._status_file_async()
+                self.checkpointer.status_async(lambda: detector_rows(self.detector, self._last_scores))
                 next_status_file = now + max(STATUS_FILE_EVERY_S, self._counts[0] / STATUS_FILE_SENSORS_PER_S)
             if now >= next_status and not self.queue.closed:
                 self.notifier.status(f"{self._status_text()}, queue {len(self.queue)}/{self.queue.capacity}")
@@ -367,156 +316,25 @@ class Daemon:
                 self.mqtt.ack(token)
 
     def _process(self, readings: list) -> None:
-        det = self.detector
-        before = {name: g.kernel_seconds for name, g in det.active.items()}
-        batch = det.process(readings)
-        step = {name: g.kernel_seconds - before.get(name, 0.0) for name, g in det.active.items()
-                if name in batch.losses}
+        batch = self.detector.process(readings)
         self.processed += len(readings)
         scores = self._last_scores
         for i, reason in enumerate(batch.reason):
             if not reason:
                 scores[batch.sensors[i]] = float(batch.score[i])
-        self.metrics.observe_batch(batch, step)
         self._sync_sensor_gauges()
-        self._log_rejections(batch)
-        self._log_resets(batch)
-        out = self.config.output
-        for kind, incident in batch.events:
-            topic = out.events_topic.replace("{sensor}", incident.sensor)
-            if self.mqtt.publish(topic, event_message(kind, incident), qos=out.events_qos,
-                                 expiry_s=out.message_expiry_s or None):
-                self.metrics.events_published.inc()
-            # %r: a sensor id (from a device, or a checkpoint of an older version) cannot forge a line.
-            log.info("%s: sensor %r (group %s) score %.4f at %s", kind, incident.sensor, incident.group,
-                     incident.score, format_time(incident.timestamp if kind == "anomaly" else incident.end))
-        if state_topic(out) is not None:
-            self._publish_states(batch)
+        self.output.handle(batch, self.detector)
 
     def _sync_sensor_gauges(self) -> None:
         counts = {name: len(g.names) for name, g in self.detector.active.items()}
         self.metrics.set_sensor_counts(counts)
         self._counts = (sum(counts.values()), len(counts))
 
-    def _log_rejections(self, batch) -> None:
-        cap = self.config.pipeline.max_sensors
-        for i, reason in enumerate(batch.reason):
-            if not reason:
-                continue
-            if reason == "sensor_cap":
-                self.rlog.log(("rejected", reason), logging.WARNING,
-                              "rejected (sensor_cap): sensor %r: pipeline.max_sensors=%d reached", batch.sensors[i], cap)
-            elif reason == "wrong_arity":
-                group = self.detector.group_for(batch.sensors[i]).name
-                active = self.detector.active.get(group)
-                expected = active.spec.input_size if active is not None else "?"
-                self.rlog.log(("rejected", reason), logging.WARNING,
-                              "rejected (wrong_arity): sensor %r sent %d value(s) per reading, but the model of "
-                              "group %r takes %s (one width per group: give the inputs groups of their own)",
-                              batch.sensors[i], len(batch.values[i]), group, expected)
-            elif reason in ("out_of_order", "duplicate_timestamp"):
-                # Both times, readable: a device stamping local time as UTC shows up here at once.
-                self.rlog.log(("rejected", reason), logging.WARNING,
-                              "rejected (%s): sensor %r reading at %s, its last accepted reading is at %s",
-                              reason, batch.sensors[i], format_time(batch.timestamps[i]),
-                              format_time(self._last_time(batch.sensors[i])))
-            else:
-                self.rlog.log(("rejected", reason), logging.WARNING, "rejected (%s): sensor %r at %s",
-                              reason, batch.sensors[i], format_time(batch.timestamps[i]))
-
-    def _last_time(self, sensor: str) -> float:
-        g = self.detector.active.get(self.detector.group_for(sensor).name)
-        slot = None if g is None else g.sensors.get(sensor)
-        return float("nan") if slot is None else float(g.last_ts[slot])
-
-    def _log_resets(self, batch) -> None:
-        # Both are counted in streamlstm_model_resets_total{reason}; the line says which sensor.
-        for group, sensor, why in batch.resets:
-            if why == "implausible_scale":
-                self.rlog.log(("reset", why), logging.WARNING, "sensor %r (group %s): its statistics were "
-                              "implausible (a huge reading?): scale and model state reset, warming up again",
-                              sensor, group)
-            elif why == "clock_jump":
-                self.rlog.log(("reset", why), logging.WARNING, "sensor %r (group %s): its clock jumped (last "
-                              "timestamp beyond detector.max_clock_skew_s): timestamps re-based", sensor, group)
-
-    def _publish_states(self, batch) -> None:
-        out = self.config.output
-        announce = out.homeassistant.enabled
-        topic = state_topic(out)
-        latest = {}
-        for i, reason in enumerate(batch.reason):
-            if not reason:
-                latest[batch.sensors[i]] = i
-        now = time.monotonic()
-        for sensor, i in latest.items():
-            flag = bool(batch.is_anomaly[i])
-            sent = self._state_sent.get(sensor)
-            if sent is not None and now - sent[0] < STATE_MIN_INTERVAL_S and sent[1] == flag:
-                continue
-            if announce and sensor not in self._announced and self._announce(sensor):
-                with self._announce_lock:
-                    self._announced.add(sensor)
-            width = self.detector.active[batch.groups[i]].spec.output_size
-            if self.mqtt.publish(topic.replace("{sensor}", sensor), state_message(batch, i, width),
-                                 qos=1, retain=True):
-                self._state_sent[sensor] = (now, flag)
-
     # --- checkpoints ----------------------------------------------------------------------
 
     def _snapshot(self):
         arrays, meta = self.detector.state_dict()  # copies: the worker may go on at once
         return arrays, checkpoint_meta(self.config, meta, dict(self._last_scores))
-
-    def _status_file_async(self) -> None:
-        """Worker: rows for `streamlstm status`, written by the checkpoint thread."""
-        try:
-            rows = detector_rows(self.detector, self._last_scores)
-        except Exception as exc:  # noqa: BLE001 - status is a convenience, never fatal
-            log.debug("status rows failed: %s", exc)
-            return
-        self._ckpt_pool.submit(self._write_status, rows)
-
-    def _write_status(self, rows) -> None:
-        try:
-            write_status(self.store.directory, rows)
-        except (OSError, ValueError) as exc:
-            self.rlog.log("status-file", logging.WARNING, "cannot write %s/status.json: %s", self.store.directory, exc)
-
-    def _save(self, arrays, meta) -> bool:
-        t0 = time.perf_counter()
-        try:
-            self.store.save(arrays, meta)
-        except (CheckpointError, OSError, ValueError, TypeError) as exc:
-            self.metrics.checkpoint_errors.inc()
-            log.error("checkpoint failed (the daemon keeps running): %s", exc)
-            return False
-        self._last_ckpt_unix = time.time()
-        log.debug("checkpoint written in %.2f s", time.perf_counter() - t0)
-        return True
-
-    def _checkpoint_async(self) -> None:
-        if self._ckpt_future is not None and not self._ckpt_future.done():
-            log.warning("previous checkpoint still being written: skipping this one")
-            return
-        try:
-            arrays, meta = self._snapshot()
-        except Exception as exc:  # noqa: BLE001
-            self.metrics.checkpoint_errors.inc()
-            log.error("checkpoint snapshot failed: %s", exc)
-            return
-        self._ckpt_future = self._ckpt_pool.submit(self._save, arrays, meta)
-
-    def final_checkpoint(self) -> bool:
-        if self._ckpt_future is not None:
-            self._ckpt_future.result()
-        try:
-            arrays, meta = self._snapshot()
-        except Exception as exc:  # noqa: BLE001
-            self.metrics.checkpoint_errors.inc()
-            log.error("final checkpoint snapshot failed: %s", exc)
-            return False
-        return self._save(arrays, meta)
 
     # --- reload -----------------------------------------------------------------------------
 
@@ -530,10 +348,10 @@ class Daemon:
             log.error("reload: configuration %s has errors, keeping the running one:\n%s", self.config_path, exc)
             self.notifier.ready(self._status_text())
             return
-        ignored = _restart_only_changes(old, new)
+        ignored = restart_only_changes(old, new)
         if ignored:
             log.warning("reload: changes to %s need a restart; keeping the running values", ", ".join(ignored))
-        new = _keep_restart_only(old, new)
+        new = keep_restart_only(old, new)
         try:
             parser = PayloadParser(input_specs(new))
         except ValueError as exc:
@@ -564,19 +382,8 @@ class Daemon:
     def _apply_reload(self, req: _Reload) -> None:
         """Worker thread: move the learned state into a detector built from the new config."""
         try:
-            new_groups = {g.name: g for g in group_configs(req.config)}
             old = self.detector
-            for name, gd in old.active.items():
-                g = new_groups.get(name)
-                if g is None:
-                    continue
-                want = (g.spec(gd.spec.input_size).shape_key(), g.weights == "shared")
-                have = (gd.spec.shape_key(), gd.shared)
-                if want != have:
-                    raise ReloadRefused(
-                        f"group {name!r}: model shape would change from {_shape_text(*have)} to {_shape_text(*want)}; "
-                        f"a running model cannot change shape (restart to start this group from scratch: its "
-                        f"checkpoint is then moved aside)")
+            check_shapes(old, req.config)
             detector = build_detector(req.config)
             arrays, meta = old.state_dict()
             try:
@@ -584,7 +391,7 @@ class Daemon:
             except (ValueError, KeyError, IndexError) as exc:
                 raise ReloadRefused(f"cannot carry the learned state over: {exc}") from None
             self.detector = detector
-            self.config = req.config
+            self.config = self.output.config = req.config
             self.metrics.init_groups([g.name for g in req.config.groups])
             self.metrics.forget_sensors(lambda group, sensor: group in detector.active
                                         and sensor in detector.active[group].sensors)
@@ -613,26 +420,17 @@ class Daemon:
             log.error("no final checkpoint: %s (the last periodic one stays)", self._fatal)
         elif self._worker is None or not self._worker.is_alive():
             self.notifier.status("stopping: final checkpoint")
-            if self.final_checkpoint():
+            if self.checkpointer.save_final():
                 log.info("final checkpoint written to %s", self.store.path)
             else:  # the service manager must see it: the learning since the last good one is gone
                 status = EXIT_FAILURE
-        self._ckpt_pool.shutdown(wait=True)
-        try:
-            remove_status(self.store.directory)  # `status` reads the checkpoint from now on
-        except OSError as exc:
-            log.warning("cannot remove the status file: %s", exc)
+        self.checkpointer.close()
         self.mqtt.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.rlog.flush()
         log.info("stopped after %d readings", self.processed)
         return status
-
-
-def _shape_text(shape, shared) -> str:
-    i, h, layers, o, dtype = shape
-    return f"(inputs {i}, hidden {h}, layers {layers}, outputs {o}, {dtype}, {'shared' if shared else 'per-sensor'})"
 
 
 # ------------------------------------------------------------------------------------------- entry

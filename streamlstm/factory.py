@@ -1,23 +1,8 @@
 """Builds the detector a config describes (shared by the daemon, replay and warmup)."""
 from __future__ import annotations
 
-import dataclasses
-
 from .backend import make_backend
-from .detector import Detector, DetectorSettings, GroupConfig
-
-
-def group_configs(config) -> list[GroupConfig]:
-    return [
-        GroupConfig(
-            name=g.name,
-            match=g.match,
-            weights=g.weights,
-            model=dataclasses.asdict(g.model),
-            detector=DetectorSettings.from_mapping(g.detector),
-        )
-        for g in config.groups
-    ]
+from .detector import Detector
 
 
 def build_detector(config, backend_kind: str | None = None) -> Detector:
@@ -28,4 +13,4 @@ def build_detector(config, backend_kind: str | None = None) -> Detector:
     def backend_for(group_name: str):
         return make_backend(kind, b.parallel_min_batch, b.cuda_min_batch)
 
-    return Detector(group_configs(config), backend_for, max_sensors=cap)
+    return Detector(config.groups, backend_for, max_sensors=cap)

@@ -640,8 +640,8 @@ def train_batch(shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring
 def kernel_signatures(dtype) -> dict:
     """Argument types of every kernel as the backend launches them, for one model dtype.
 
-    Used to compile eagerly (`precompile`) and by the tests, which check them against the
-    launches and compile them to PTX with the real NVVM (no GPU needed).
+    Used by the tests, which check them against the launches and compile them to PTX with the
+    real NVVM (no GPU needed).
     """
     from numba import types as nt
 
@@ -671,17 +671,6 @@ def kernel_signatures(dtype) -> dict:
             a(f, 2), a(f, 2), a(f, 2), a(i64, 1), a(f64, 1), a(i64, 1), a(f, 1), a(i64, 1), a(f64, 1),
         ),
     }
-
-
-def precompile(dtypes=("float32", "float64")):
-    """Compile every kernel for the given model dtypes now (real GPU; no-op in the simulator)."""
-    from numba import config
-
-    if config.ENABLE_CUDASIM:
-        return
-    for dt in dtypes:
-        for name, sig in kernel_signatures(dt).items():
-            globals()[name].compile(sig)
 
 
 # --- backend ---------------------------------------------------------------------------

@@ -29,17 +29,12 @@ from prometheus_client.exposition import make_wsgi_app
 from .config import ConfigError, read_secret
 from .connguard import ConnectionGuard
 from .ratelimit import RateLimitedLogger
+from .reasons import REJECTION_REASONS
 
 __all__ = ["Metrics", "MetricsServer", "REJECTION_REASONS", "serve"]
 
 log = logging.getLogger(__name__)
 
-# docs/design.md: every reason is exported from the start (0), so rate() works from the first scrape.
-REJECTION_REASONS = (
-    "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic", "too_large",
-    "bad_timestamp", "duplicate_timestamp", "out_of_order", "sensor_cap", "wrong_arity",
-    "unavailable", "bad_line_protocol", "bad_sensor_id", "clock_skew",
-)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 SILENT_EVERY_S = 5.0  # recount silent sensors at most this often (O(sensors) per recount)
@@ -55,6 +50,8 @@ class Metrics:
         self.build_info = Gauge("streamlstm_build_info", "Build information (always 1).",
                                 ["version", "backend"], registry=r)
         self.build_info.labels(version, backend).set(1)
+        self._version, self._backend = version, backend
+        self._group_backends: dict = {}  # group -> backend that last ran it (auto moves groups to CUDA)
         self.readings = Counter("streamlstm_readings_total", "Readings accepted by the detector.",
                                 ["group"], registry=r)
         self.rejected = Counter("streamlstm_readings_rejected_total", "Readings or payloads rejected, by reason.",
@@ -106,7 +103,7 @@ class Metrics:
                                     ["reason"], registry=r)
         for reason in ("over_cap", "timeout"):
             self.http_dropped.labels(reason)
-        for reason in REJECTION_REASONS:
+        for reason in REJECTION_REASONS:  # all exported from the start (0): rate() works from the first scrape
             self.rejected.labels(reason)
         self.per_sensor = per_sensor
         self.per_sensor_cap = per_sensor_cap
@@ -123,6 +120,8 @@ class Metrics:
 
     def init_groups(self, groups) -> None:
         """Export the group-labelled series at 0 before the first reading."""
+        groups = list(groups)
+        self._group_backends = {g: b for g, b in self._group_backends.items() if g in groups}  # reload
         for g in groups:
             self.readings.labels(g)
             self.anomalies.labels(g)
@@ -143,8 +142,12 @@ class Metrics:
 
     # --- per batch ---------------------------------------------------------------------
 
-    def observe_batch(self, batch, step_seconds: dict) -> None:
-        """Count one `DetectorBatch` (see detector.py); `step_seconds`: {group: kernel seconds}."""
+    def observe_batch(self, batch, step_seconds: Optional[dict] = None) -> None:
+        """Count one `DetectorBatch` (see detector.py); `step_seconds`: {group: kernel seconds},
+        by default the batch's own."""
+        self._note_backends(batch.backends)
+        if step_seconds is None:
+            step_seconds = batch.step_seconds
         n = len(batch)
         self.batch_size.observe(n)
         for group, seconds in step_seconds.items():
@@ -177,6 +180,16 @@ class Metrics:
         for group, loss in batch.losses.items():
             if loss == loss:  # NaN: no training step ran in this batch
                 self.model_loss.labels(group).set(loss)
+
+    def _note_backends(self, backends: dict) -> None:
+        """build_info{backend} says what runs: e.g. "cuda" once `auto` moved every group there,
+        "cpu+cuda" while only some are."""
+        self._group_backends.update(backends)
+        label = "+".join(sorted(set(self._group_backends.values()))) or self._backend
+        if label != self._backend:
+            self.build_info.remove(self._version, self._backend)
+            self.build_info.labels(self._version, label).set(1)
+            self._backend = label
 
     def _observe_sensor(self, group, sensor, batch, i) -> None:
         key = (group, sensor)

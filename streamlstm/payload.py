@@ -37,9 +37,13 @@ import time
 import zoneinfo
 from typing import Callable, NamedTuple
 
+from .config import InputConfig, MqttConfig, section_problems
 from .fields import MISSING as _FIELD_MISSING, FieldSelector
 from .influx import SYNTAX as _INFLUX_SYNTAX, LineError, parse_lines
-from .sensor_names import SensorName, default_sensor_name, template_problem
+from .reading import Reading
+from .reasons import PARSER_REASONS
+from .sensor_names import SensorName
+from .topic_template import TopicTemplate, valid_sensor_id
 
 __all__ = [
     "REASONS",
@@ -50,13 +54,7 @@ __all__ = [
     "TopicTemplate",
 ]
 
-# The parser's subset of the rejection reasons in docs/design.md.
-REASONS = frozenset({
-    "not_a_number", "non_finite", "bad_json", "missing_field", "unknown_topic",
-    "too_large", "bad_timestamp", "wrong_arity", "unavailable", "bad_line_protocol", "bad_sensor_id",
-})
-FORMATS = ("auto", "number", "json", "batch", "influx")
-TIMESTAMP_UNITS = ("s", "ms", "us", "ns", "iso")
+REASONS = PARSER_REASONS  # what `ParseResult.rejected` may say (reasons.py)
 _UNIT_DIVISOR = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
 BATCH_SENSOR_FIELD = "sensor"
 MAX_BATCH_READINGS = 100_000
@@ -64,15 +62,8 @@ MAX_BATCH_READINGS = 100_000
 # RecursionError and orjson clear of its stack (3.8 segfaults near 10^5 levels), so both agree.
 MAX_JSON_DEPTH = 128
 MAX_TIMESTAMP = 32503680000.0  # 3000-01-01T00:00:00Z
-MAX_SENSOR_ID_CHARS = 1024  # also the bound in UTF-8 bytes
-MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name / filter
 _DETAIL_CHARS = 80
-
-
-class Reading(NamedTuple):
-    sensor: str
-    timestamp: float  # seconds since the epoch
-    values: tuple  # tuple[float, ...], finite
+_MAX_PAYLOAD_FIELD = MqttConfig.__dataclass_fields__["max_payload_bytes"]  # same key, same rules
 
 
 class ParseResult(NamedTuple):
@@ -92,160 +83,6 @@ def _short(value, limit: int = _DETAIL_CHARS) -> str:
     return text
 
 
-def _valid_sensor_id(sensor) -> bool:
-    # Sensor ids become levels of event topics and appear in log lines: no wildcard, no control
-    # or other non-printable character (a broker drops the connection over a control character
-    # in a topic; a newline would forge a log line), no lone surrogate, a bounded length.
-    if type(sensor) is not str or not sensor or len(sensor) > MAX_SENSOR_ID_CHARS:
-        return False
-    if "+" in sensor or "#" in sensor or not sensor.isprintable():
-        return False
-    # isprintable() already refused surrogates, so the encoding cannot fail.
-    return sensor.isascii() or len(sensor.encode("utf-8")) <= MAX_SENSOR_ID_CHARS
-
-
-# ---------------------------------------------------------------------------------------------
-# Topic templates
-
-_PLACEHOLDER = "{sensor}"
-_PLACEHOLDER_MULTI = "{sensor+}"
-# Level kinds of a compiled template.
-_LIT, _PLUS, _HASH, _CAP, _CAP_MULTI = range(5)
-
-
-class TopicTemplate:
-    """``plant/{sensor}/temperature`` -> subscription ``plant/+/temperature``, match -> id.
-
-    ``{sensor}`` captures one whole topic level; ``{sensor+}``, only as the last level, captures
-    all remaining levels (subscribed as ``#``), joined with ``/``. Literal ``+`` / ``#`` levels
-    match like MQTT wildcards and capture nothing. Like a broker, wildcards at the first level do
-    not match topics starting with ``$``. Empty captured levels do not match.
-    """
-
-    __slots__ = ("template", "subscription", "_levels", "_nlevels", "_cap_index", "_simple")
-
-    def __init__(self, template: str):
-        if not isinstance(template, str):
-            raise ValueError(f"topic template must be a string, got {type(template).__name__}")
-        if not template:
-            raise ValueError("topic template is empty")
-        if "\x00" in template:
-            raise ValueError(f"topic template {template!r} contains a NUL character")
-        try:
-            encoded = template.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"topic template {template!r} is not valid UTF-8 text") from None
-        levels = template.split("/")
-        kinds = []
-        cap_index = None
-        for i, level in enumerate(levels):
-            last = i == len(levels) - 1
-            if level == _PLACEHOLDER or level == _PLACEHOLDER_MULTI:
-                if cap_index is not None:
-                    raise ValueError(f"topic template {template!r} has more than one {{sensor}}")
-                cap_index = i
-                if level == _PLACEHOLDER_MULTI:
-                    if not last:
-                        raise ValueError(
-                            f"topic template {template!r}: {{sensor+}} must be the last level")
-                    kinds.append((_CAP_MULTI, None))
-                else:
-                    kinds.append((_CAP, None))
-            elif level == "+":
-                kinds.append((_PLUS, None))
-            elif level == "#":
-                if not last:
-                    raise ValueError(f"topic template {template!r}: '#' must be the last level")
-                kinds.append((_HASH, None))
-            else:
-                if "{" in level or "}" in level:
-                    raise ValueError(
-                        f"topic template {template!r}: level {level!r} is not a valid "
-                        "placeholder; use a whole level '{sensor}' or '{sensor+}' (last level)")
-                if "+" in level or "#" in level:
-                    raise ValueError(
-                        f"topic template {template!r}: level {level!r} mixes a wildcard with "
-                        "text; '+' and '#' must fill a whole level")
-                kinds.append((_LIT, level))
-        if cap_index is None:
-            raise ValueError(f"topic template {template!r} has no {{sensor}} or {{sensor+}} level")
-        subscription = "/".join(
-            "+" if k == _CAP else "#" if k == _CAP_MULTI else level
-            for (k, _), level in zip(kinds, levels))
-        if len(encoded) > MAX_TOPIC_BYTES or len(subscription.encode("utf-8")) > MAX_TOPIC_BYTES:
-            raise ValueError(f"topic template is longer than {MAX_TOPIC_BYTES} bytes")
-        self.template = template
-        self.subscription = subscription
-        self._levels = tuple(kinds)
-        self._nlevels = len(kinds)
-        self._cap_index = cap_index
-        # Common case: literals and one {sensor}, matched with a length check and compares.
-        self._simple = all(k in (_LIT, _CAP) for k, _ in kinds)
-
-    def __repr__(self):
-        return f"TopicTemplate({self.template!r})"
-
-    def __eq__(self, other):
-        return isinstance(other, TopicTemplate) and other.template == self.template
-
-    def __hash__(self):
-        return hash(self.template)
-
-    def match(self, topic: str):
-        """The sensor id for `topic`, or None when it does not fit the template."""
-        if type(topic) is not str or not topic:
-            return None
-        # Published topic names never hold wildcards or NUL: such a string is no topic.
-        if "+" in topic or "#" in topic or "\x00" in topic:
-            return None
-        parts = topic.split("/")
-        levels = self._levels
-        if self._simple:
-            if len(parts) != self._nlevels:
-                return None
-            for (kind, literal), part in zip(levels, parts):
-                if kind == _LIT and part != literal:
-                    return None
-            if self._cap_index == 0 and topic[0] == "$":
-                return None
-            sensor = parts[self._cap_index]
-            return sensor if sensor and _valid_sensor_id(sensor) else None
-        return self._match_general(topic, parts)
-
-    def _match_general(self, topic, parts):
-        levels = self._levels
-        if topic[0] == "$" and levels[0][0] != _LIT:
-            return None
-        sensor = None
-        n = len(parts)
-        for i, (kind, literal) in enumerate(levels):
-            if kind == _HASH:
-                # 'a/#' also matches 'a' (MQTT: '#' includes the parent level).
-                if sensor is None or n < i:
-                    return None
-                return sensor if _valid_sensor_id(sensor) else None
-            if kind == _CAP_MULTI:
-                rest = parts[i:]
-                if not rest or not all(rest):
-                    return None
-                sensor = "/".join(rest)
-                return sensor if _valid_sensor_id(sensor) else None
-            if i >= n:
-                return None
-            part = parts[i]
-            if kind == _LIT:
-                if part != literal:
-                    return None
-            elif kind == _CAP:
-                if not part:
-                    return None
-                sensor = part
-            # _PLUS matches any level, empty included (as in MQTT).
-        if n != len(levels):
-            return None
-        return sensor if sensor is not None and _valid_sensor_id(sensor) else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Input specs
 
@@ -259,89 +96,51 @@ def _split_path(path, what: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """One entry of the config's ``inputs:`` list."""
+class InputSpec(InputConfig):
+    """One entry of the config's ``inputs:`` list (config.InputConfig: keys, defaults, rules),
+    with the payload size limit and the compiled topic template.
 
-    topic: str
-    format: str = "auto"
-    value_fields: tuple = ("value",)
-    timestamp_field: str | None = "ts"  # None, or absent in a payload: arrival time
-    timestamp_unit: str = "s"
-    max_payload_bytes: int = 1_048_576
-    fields: tuple = ()  # each a sensor of its own; ("*",): every numeric field
-    exclude_fields: tuple = ()
-    sensor_name: str | None = None  # None: sensor_names.default_sensor_name
-    timestamp_tz: str | None = None  # IANA zone of naive ISO timestamps; None: UTC
+    Built in code (tests, tools) it is held to the config's rules, raised as ValueError.
+    """
+
+    max_payload_bytes: int = dataclasses.field(
+        default=_MAX_PAYLOAD_FIELD.default, metadata=_MAX_PAYLOAD_FIELD.metadata)
     template: TopicTemplate = dataclasses.field(init=False, repr=False, compare=False)
 
+    @classmethod
+    def from_config(cls, inp: InputConfig, max_payload_bytes: int) -> "InputSpec":
+        return cls(**{f.name: getattr(inp, f.name) for f in dataclasses.fields(InputConfig)},
+                   max_payload_bytes=max_payload_bytes)
+
     def __post_init__(self):
-        template = TopicTemplate(self.topic)
-        if self.format not in FORMATS:
-            raise ValueError(f"input {self.topic!r}: format must be one of {', '.join(FORMATS)},"
-                             f" got {self.format!r}")
-        fields = self.value_fields
-        if isinstance(fields, str):
-            fields = (fields,)
+        what = f"input {self.topic!r}"
+        # Lists from code become tuples (frozen, hashable); the paths are compiled here, so a
+        # malformed one is refused with the reason the parser would trip over.
+        fields = (self.value_fields,) if isinstance(self.value_fields, str) else self.value_fields
         try:
             fields = tuple(fields)
         except TypeError:
-            raise ValueError(f"input {self.topic!r}: value_fields must be a list of field paths"
-                             ) from None
-        if not fields:
-            raise ValueError(f"input {self.topic!r}: value_fields is empty")
-        for f in fields:
-            _split_path(f, f"input {self.topic!r}: value_fields")
-        if len(set(fields)) != len(fields):
-            raise ValueError(f"input {self.topic!r}: value_fields has duplicates: {list(fields)}")
-        if self.format == "number" and len(fields) != 1:
-            raise ValueError(f"input {self.topic!r}: format number carries one value, but "
-                             f"value_fields has {len(fields)}")
-        if self.timestamp_field is not None:
-            _split_path(self.timestamp_field, f"input {self.topic!r}: timestamp_field")
-        if self.timestamp_unit not in TIMESTAMP_UNITS:
-            raise ValueError(f"input {self.topic!r}: timestamp_unit must be one of "
-                             f"{', '.join(TIMESTAMP_UNITS)}, got {self.timestamp_unit!r}")
-        mpb = self.max_payload_bytes
-        if type(mpb) is not int or mpb <= 0:
-            raise ValueError(f"input {self.topic!r}: max_payload_bytes must be a positive "
-                             f"integer, got {mpb!r}")
+            raise ValueError(f"{what}: value_fields must be a list of field paths") from None
         object.__setattr__(self, "value_fields", fields)
-        object.__setattr__(self, "template", template)
-        self._check_multi()
-
-    def _check_multi(self):
-        """fields / sensor_name / timestamp_tz (config.py reports the same with key paths)."""
-        what = f"input {self.topic!r}"
-        fields = tuple(self.fields or ())
-        exclude = tuple(self.exclude_fields or ())
+        object.__setattr__(self, "fields", tuple(self.fields or ()))
+        object.__setattr__(self, "exclude_fields", tuple(self.exclude_fields or ()))
         for f in fields:
+            _split_path(f, f"{what}: value_fields")
+        for f in self.fields:
             if f != "*":
                 _split_path(f, f"{what}: fields")
-        if fields and self.format not in ("auto", "json", "influx"):
-            raise ValueError(f"{what}: fields need format auto, json or influx, got {self.format!r}")
-        if "*" in fields and len(fields) > 1:
-            raise ValueError(f"{what}: fields: '*' stands alone")
-        if self.format == "influx" and self.timestamp_unit == "iso":
-            raise ValueError(f"{what}: line protocol timestamps are integers (s, ms, us or ns)")
-        problem = template_problem(self.sensor_template, self.format, bool(fields))
-        if problem:
-            raise ValueError(f"{what}: sensor_name {self.sensor_template!r}: {problem}")
-        if self.timestamp_tz is not None:
-            try:
-                zoneinfo.ZoneInfo(self.timestamp_tz)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-                raise ValueError(f"{what}: timestamp_tz {self.timestamp_tz!r} is not a known IANA "
-                                 "time zone") from None
-        object.__setattr__(self, "fields", fields)
-        object.__setattr__(self, "exclude_fields", exclude)
-
-    @property
-    def sensor_template(self) -> str:
-        return self.sensor_name or default_sensor_name(self.format, bool(self.fields))
+        if self.timestamp_field is not None:
+            _split_path(self.timestamp_field, f"{what}: timestamp_field")
+        object.__setattr__(self, "template", TopicTemplate(self.topic))
+        # The topic's grammar is TopicTemplate's (it allows literal wildcard levels).
+        problems = section_problems(self, skip=("topic",))
+        if problems:
+            key, reason = problems[0]
+            raise ValueError(f"{what}: {key}: {reason}")
 
     @property
     def arity(self) -> int:
-        return 1 if self.fields or self.format == "influx" else len(self.value_fields)
+        return self.width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,7 +498,7 @@ def _renamed(result: ParseResult, c: _Compiled) -> ParseResult:
     rejected = result.rejected
     for r in result.readings:
         sid = c.namer.render(r.sensor)
-        if _valid_sensor_id(sid):
+        if valid_sensor_id(sid):
             readings.append(Reading(sid, r.timestamp, r.values))
         else:
             rejected.append(("missing_field", f"{r.sensor}: sensor_name gives an invalid sensor id "
@@ -845,7 +644,7 @@ class PayloadParser:
             item_sensor = item.get(BATCH_SENSOR_FIELD)
             if item_sensor is None:
                 item_sensor = sensor
-            elif not _valid_sensor_id(item_sensor):
+            elif not valid_sensor_id(item_sensor):
                 rejected.append(("bad_sensor_id", f"{sensor}: batch item {i}: invalid sensor id "
                                                   f"{_show(item_sensor)}"))
                 continue
@@ -860,7 +659,7 @@ class PayloadParser:
         readings = []
         rejected = []
         for key, raw in doc.items():
-            if not _valid_sensor_id(key):
+            if not valid_sensor_id(key):
                 rejected.append(("bad_sensor_id", f"invalid sensor id {_short(key, 40)}"))
                 continue
             try:
@@ -903,7 +702,7 @@ class PayloadParser:
                 rejected.append(("missing_field", f"{sensor}: no field {name!r}"))
                 continue
             sid = c.namer.render(sensor, field=name, measurement=measurement, tags=tags)
-            if not _valid_sensor_id(sid):
+            if not valid_sensor_id(sid):
                 rejected.append(("missing_field", f"{sensor}: field {_short(name, 40)} gives an invalid "
                                                   f"sensor id {_short(sid, 40)}"))
                 continue

@@ -9,11 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .scalar_math import TANH_COEFFS, dropout_keep
-from .spec import LOSS_MSE, OPT_ADAM, ModelSpec, unpack
-
-STATUS_OK = 0
-STATUS_RESET = 1  # non-finite state or prediction: the sensor's state was reset
-STATUS_SKIPPED = 2  # non-finite gradient: the update was skipped
+from .spec import LOSS_MSE, OPT_ADAM, STATUS_RESET, STATUS_SKIPPED, ModelSpec, unpack
 
 
 def tanh(x: np.ndarray) -> np.ndarray:

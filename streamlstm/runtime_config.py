@@ -63,8 +63,4 @@ def replace_path(obj, keys, value):
 
 
 def input_specs(config) -> list:
-    return [InputSpec(topic=i.topic, format=i.format, value_fields=i.value_fields, timestamp_field=i.timestamp_field,
-                      timestamp_unit=i.timestamp_unit, max_payload_bytes=config.mqtt.max_payload_bytes,
-                      fields=i.fields, exclude_fields=i.exclude_fields, sensor_name=i.sensor_name,
-                      timestamp_tz=i.timestamp_tz)
-            for i in config.inputs]
+    return [InputSpec.from_config(i, config.mqtt.max_payload_bytes) for i in config.inputs]

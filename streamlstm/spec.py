@@ -15,61 +15,40 @@ import dataclasses
 
 import numpy as np
 
-OPTIMIZERS = ("adam", "sgd")
-LOSSES = ("mse", "huber")
-DTYPES = ("float32", "float64")
+from .config import ModelConfig
 
 # Codes passed to the kernels (they take scalars, not strings).
 OPT_ADAM, OPT_SGD = 0, 1
 LOSS_MSE, LOSS_HUBER = 0, 1
 
+# Per-element outcome of a step, as the kernels and the reference return it.
+STATUS_OK = 0
+STATUS_RESET = 1  # non-finite state or prediction: the sensor's state was reset
+STATUS_SKIPPED = 2  # non-finite gradient: the update was skipped
+
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(ModelConfig):
+    """A group's model as the kernels see it: the `model:` config section (`config.ModelConfig`
+    holds the keys, defaults, ranges and documentation; the config validates them) plus what the
+    data decides, the input width, and Adam's constants, which are no settings.
+
+    Frozen like the section it extends: one spec serves every sensor of a group.
+    """
+
     input_size: int = 1
-    hidden_size: int = 32
-    num_layers: int = 1
-    target_feature: int | None = None  # None: predict all input features
-    window: int = 32
-    train_every: int = 1
-    optimizer: str = "sgd"  # measured: far steadier than Adam for one-window-per-reading online updates
-    learning_rate: float = 0.2
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    loss: str = "huber"
-    huber_delta: float = 1.0
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    dropout: float = 0.0
-    input_clip: float = 10.0
-    seed: int = 0
-    dtype: str = "float32"
 
-    def __post_init__(self):
-        checks = [
-            (self.input_size >= 1, "input_size must be >= 1"),
-            (self.hidden_size >= 1, "hidden_size must be >= 1"),
-            (self.num_layers >= 1, "num_layers must be >= 1"),
-            (self.window >= 1, "window must be >= 1"),
-            (self.train_every >= 1, "train_every must be >= 1"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
-            (self.loss in LOSSES, f"loss must be one of {LOSSES}"),
-            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
-            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables)"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.huber_delta > 0, "huber_delta must be > 0"),
-            (self.input_clip > 0, "input_clip must be > 0"),
-            (
-                self.target_feature is None or 0 <= self.target_feature < self.input_size,
-                "target_feature must be None or an input index",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+    @classmethod
+    def from_config(cls, model: ModelConfig, input_size: int) -> "ModelSpec":
+        """The spec of a group whose readings carry `input_size` values; ValueError when the
+        configured target_feature is no index of such a reading (the config cannot know)."""
+        if model.target_feature is not None and model.target_feature >= input_size:
+            raise ValueError(f"target_feature {model.target_feature} is no index of a reading of "
+                             f"{input_size} values")
+        return cls(input_size=input_size, **{f.name: getattr(model, f.name) for f in dataclasses.fields(ModelConfig)})
 
     @property
     def np_dtype(self):

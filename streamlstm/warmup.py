@@ -13,8 +13,7 @@ __all__ = ["warm_kernels"]
 def _glob_free(config):
     """Per configured group, a one-group copy matching every sensor (dummy sensors need no
     name that fits the group's glob)."""
-    from .factory import group_configs
-    return [dataclasses.replace(g, match="*") for g in group_configs(config)]
+    return [dataclasses.replace(g, match="*") for g in config.groups]
 
 
 def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
@@ -24,7 +23,9 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
     to train, on throwaway detectors: nothing is kept. Returns {group: seconds}.
     """
     from .backend import make_backend
-    from .detector.detector import Detector, _Reading
+    from .detector.detector import Detector
+    from .reading import Reading
+    from .spec import ModelSpec
 
     b = config.backend
     widths = sorted({i.width for i in config.inputs} | {1})  # fields / influx inputs: one value each
@@ -33,7 +34,7 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
         t0 = time.perf_counter()
         for width in widths:
             try:
-                spec = group.spec(width)
+                spec = ModelSpec.from_config(group.model, width)
             except ValueError:
                 continue  # e.g. target_feature outside this width: such readings are refused anyway
             rounds = group.detector.scaling_warmup + spec.window + spec.train_every + 2
@@ -47,7 +48,7 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
                 det = Detector([group], backend, max_sensors=sensors)
                 t = np.arange(rounds, dtype=np.float64)
                 wave = np.sin(t / 3.0)
-                readings = [_Reading(f"warmup-{k}", 1.0e9 + t[r],
+                readings = [Reading(f"warmup-{k}", 1.0e9 + t[r],
                                      tuple(float(wave[r] + 0.1 * k + 0.01 * j) for j in range(width)))
                             for r in range(rounds) for k in range(sensors)]
                 det.process(readings)

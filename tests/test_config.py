@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamlstm import config as C
+from streamlstm.factory import build_detector
 from streamlstm.config import (
     Config, ConfigError, DetectorConfig, GroupConfig, ModelConfig, describe_schema, load_config,
     loads_config, parse_config, read_secret,
@@ -436,14 +437,15 @@ groups:
     assert big.weights == "per_sensor" and rest.weights == "shared"
     assert rest.model == cfg.model == ModelConfig(hidden_size=16, window=20)
     assert rest.detector == cfg.detector
-    assert cfg.group_for("big/1") is big and cfg.group_for("small/1") is rest
+    routes = build_detector(cfg)
+    assert routes.group_for("big/1") is big and routes.group_for("small/1") is rest
 
 
 def test_implicit_default_group_is_appended():
     cfg = loads_config("groups: [{name: temp, match: 'temp_*'}]\nmodel: {window: 8}\n")
     assert [(g.name, g.match, g.weights) for g in cfg.groups] == [("temp", "temp_*", "shared"), ("default", "*", "shared")]
     assert cfg.groups[1].model.window == 8
-    assert cfg.group_for("hum_1").name == "default"
+    assert build_detector(cfg).group_for("hum_1").name == "default"
     assert "implicit group 'default'" in one_error("groups: [{name: default, match: 'x*'}]")
 
 

@@ -23,7 +23,7 @@ from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5  # noqa: E402
 from mosquitto import free_port  # noqa: E402
 from streamlstm.checkpoint import load_checkpoint  # noqa: E402
 from streamlstm.config import ConfigError, load_config, parse_config  # noqa: E402
-from streamlstm.detector.detector import _Reading  # noqa: E402
+from streamlstm.reading import Reading  # noqa: E402
 from streamlstm.detector.incidents import Incident  # noqa: E402
 from streamlstm.factory import build_detector  # noqa: E402
 from streamlstm.messages import event_message  # noqa: E402
@@ -251,7 +251,7 @@ def test_restart_resumes_from_checkpoint_and_gets_readings_sent_while_down(mosqu
     # What the restored model must do with them: the first run's final checkpoint + these readings.
     expected = build_detector(load_config(first.config_path))
     expected.load_state_dict(arrays1, meta1["detector"])
-    batch = expected.process([_Reading("s1", T0 + i, (values[i],)) for i in range(150, 250)])
+    batch = expected.process([Reading("s1", T0 + i, (values[i],)) for i in range(150, 250)])
     assert all(r == "" for r in batch.reason)
     expected_arrays, expected_meta = expected.state_dict()
 

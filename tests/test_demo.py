@@ -464,7 +464,7 @@ def test_demo_plant_is_detectable_with_the_demo_config(tmp_path):
     """The demo's plant and config through the real detector, without MQTT: most injected
     anomalies must be found and few false alarms raised, or the demo shows nothing useful
     (e.g. after the detector's defaults are retuned)."""
-    from streamlstm.detector.detector import _Reading
+    from streamlstm.reading import Reading
     from streamlstm.factory import build_detector
 
     duration, sensors, seed = 180.0, 20, 0
@@ -478,7 +478,7 @@ def test_demo_plant_is_detectable_with_the_demo_config(tmp_path):
     for tick in range(int(duration * 5)):
         t = plant.time_of(tick)
         active = {a.sensor: a for a in sched if a.active(t)}
-        batch = detector.process([_Reading(s, 1e9 + t, (v,)) for s, v in plant.readings(tick, active)])
+        batch = detector.process([Reading(s, 1e9 + t, (v,)) for s, v in plant.readings(tick, active)])
         events += [(inc.sensor, inc.start - 1e9) for kind, inc in batch.events if kind == "anomaly"]
     m = demo.match_events(sched, events, duration)
     summary = demo.render_summary(m)

@@ -6,13 +6,13 @@ the others use a small model to stay fast.
 import numpy as np
 
 from streamlstm.backend import make_backend
-from streamlstm.config import parse_config
+from streamlstm.config import ModelConfig, parse_config
 from streamlstm.detector import Detector, DetectorSettings, GroupConfig
-from streamlstm.detector.detector import _Reading
+from streamlstm.reading import Reading
 from streamlstm.factory import build_detector
 from streamlstm.tools import replay
 
-SMALL_MODEL = {"hidden_size": 8, "window": 8, "learning_rate": 0.05}
+SMALL_MODEL = ModelConfig(hidden_size=8, window=8, learning_rate=0.05)
 
 
 def default_detector():
@@ -155,20 +155,20 @@ def test_no_look_ahead():
 
 def test_duplicate_and_out_of_order_timestamps_are_dropped():
     det = small_detector()
-    readings = [_Reading("s", 10.0, (1.0,)), _Reading("s", 20.0, (2.0,)), _Reading("s", 20.0, (3.0,)),
-                _Reading("s", 15.0, (4.0,)), _Reading("s", 30.0, (5.0,))]
+    readings = [Reading("s", 10.0, (1.0,)), Reading("s", 20.0, (2.0,)), Reading("s", 20.0, (3.0,)),
+                Reading("s", 15.0, (4.0,)), Reading("s", 30.0, (5.0,))]
     batch = det.process(readings)
     assert batch.reason == ["", "", "duplicate_timestamp", "out_of_order", ""]
-    batch = det.process([_Reading("s", 30.0, (1.0,)), _Reading("s", 25.0, (1.0,)), _Reading("s", 31.0, (1.0,))])
+    batch = det.process([Reading("s", 30.0, (1.0,)), Reading("s", 25.0, (1.0,)), Reading("s", 31.0, (1.0,))])
     assert batch.reason == ["duplicate_timestamp", "out_of_order", ""]
     assert det.active["default"].seen[0] == 4
 
 
 def test_non_finite_values_are_rejected():
     det = small_detector()
-    batch = det.process([_Reading("s", 1.0, (1.0,)), _Reading("s", 2.0, (float("nan"),)),
-                         _Reading("s", 3.0, (float("inf"),)), _Reading("s", 4.0, (-float("inf"),)),
-                         _Reading("s", 5.0, (2.0,))])
+    batch = det.process([Reading("s", 1.0, (1.0,)), Reading("s", 2.0, (float("nan"),)),
+                         Reading("s", 3.0, (float("inf"),)), Reading("s", 4.0, (-float("inf"),)),
+                         Reading("s", 5.0, (2.0,))])
     assert batch.reason == ["", "non_finite", "non_finite", "non_finite", ""]
     assert np.all(batch.score == 0.0)
     assert det.active["default"].seen[0] == 2
@@ -177,11 +177,11 @@ def test_non_finite_values_are_rejected():
 def test_gap_reset_after_a_long_gap():
     det = small_detector(gap_reset_intervals=10.0)
     run(det, noisy_sine(100))
-    batch = det.process([_Reading("s", 60.0 * 99 + 60.0 * 50, (0.0,))])
+    batch = det.process([Reading("s", 60.0 * 99 + 60.0 * 50, (0.0,))])
     assert batch.resets == [("default", "s", "gap")]
     assert batch.reason == [""]
     # a short gap does not reset
-    batch = det.process([_Reading("s", 60.0 * 99 + 60.0 * 53, (0.0,))])
+    batch = det.process([Reading("s", 60.0 * 99 + 60.0 * 53, (0.0,))])
     assert batch.resets == []
 
 
@@ -194,7 +194,7 @@ def test_learning_protection_skip_leaves_weights_untouched_on_flagged_readings()
     run(det, x)
     group = det.active["default"]
     before = group.bank.theta.copy()
-    batch = det.process([_Reading("s", 60.0 * 600, (50.0,))])
+    batch = det.process([Reading("s", 60.0 * 600, (50.0,))])
     assert batch.is_anomaly[0]
     np.testing.assert_array_equal(group.bank.theta, before)
 
@@ -204,7 +204,7 @@ def test_learning_protection_off_trains_on_flagged_readings():
     run(det, noisy_sine(600))
     group = det.active["default"]
     before = group.bank.theta.copy()
-    batch = det.process([_Reading("s", 60.0 * 600, (50.0,))])
+    batch = det.process([Reading("s", 60.0 * 600, (50.0,))])
     assert batch.is_anomaly[0]
     assert not np.array_equal(group.bank.theta, before)
 
@@ -218,9 +218,9 @@ def test_per_group_routing_and_sensor_cap():
         GroupConfig(name="default", match="*", model=SMALL_MODEL),
     ]
     det = small_detector(groups=groups, max_sensors=3)
-    batch = det.process([_Reading("temp/a", 1.0, (1.0,)), _Reading("hum/b", 1.0, (1.0,)),
-                         _Reading("temp/c", 1.0, (1.0,)), _Reading("temp/d", 1.0, (1.0,)),
-                         _Reading("temp/a", 2.0, (1.0,))])
+    batch = det.process([Reading("temp/a", 1.0, (1.0,)), Reading("hum/b", 1.0, (1.0,)),
+                         Reading("temp/c", 1.0, (1.0,)), Reading("temp/d", 1.0, (1.0,)),
+                         Reading("temp/a", 2.0, (1.0,))])
     assert batch.groups[:3] == ["temps", "default", "temps"]
     assert batch.reason == ["", "", "", "sensor_cap", ""]
     assert batch.groups[3] is None
@@ -229,7 +229,7 @@ def test_per_group_routing_and_sensor_cap():
     assert det.active["default"].names == ["hum/b"]
     assert det.sensor_count() == 3
     # a known sensor keeps being accepted at the cap, a new one is not
-    batch = det.process([_Reading("hum/b", 2.0, (1.0,)), _Reading("new", 2.0, (1.0,))])
+    batch = det.process([Reading("hum/b", 2.0, (1.0,)), Reading("new", 2.0, (1.0,))])
     assert batch.reason == ["", "sensor_cap"]
 
 
@@ -260,7 +260,7 @@ def test_vector_readings():
     assert np.all(np.isfinite(res["prediction"][10:]))
     assert np.all((res["score"] >= 0) & (res["score"] <= 1))
     assert res["is_anomaly"][700:703].any()
-    batch = det.process([_Reading("s", 60.0 * n, (1.0, 2.0))])
+    batch = det.process([Reading("s", 60.0 * n, (1.0, 2.0))])
     assert batch.reason == ["wrong_arity"]
 
 
@@ -272,7 +272,7 @@ def test_replay_and_direct_process_give_identical_scores():
     det = small_detector(warmup=50)
     scores, alerts = [], []
     for i in range(len(x)):
-        batch = det.process([_Reading("s", float(seconds[i]), (float(x[i]),))])
+        batch = det.process([Reading("s", float(seconds[i]), (float(x[i]),))])
         scores.append(batch.score[0])
         alerts.append(batch.alert[0])
     np.testing.assert_array_equal(a["score"], np.array(scores))
@@ -285,7 +285,36 @@ def test_mixed_sensor_batch_matches_single_sensor_runs():
     mixed = small_detector(groups=groups)
     readings = []
     for i in range(400):
-        readings += [_Reading("a", 60.0 * i, (xa[i],)), _Reading("b", 60.0 * i, (xb[i],))]
+        readings += [Reading("a", 60.0 * i, (xa[i],)), Reading("b", 60.0 * i, (xb[i],))]
     batch = mixed.process(readings)
     solo = run(small_detector(groups=groups), xa, sensor="a")
     np.testing.assert_allclose(batch.score[0::2], solo["score"], atol=1e-6)
+
+
+def test_score_one_is_the_score_process_gives_and_changes_nothing():
+    x = noisy_sine(400, seed=9)
+    for warm in (30, 300):  # in warm-up, and past it (seasonal, peak and stuck stages run)
+        det = small_detector(warmup=50)
+        run(det, x[:warm])
+        t = 60.0 * warm
+        arrays, meta = det.state_dict()
+        for value in (float(x[warm]), float(x[warm]) + 6.0):
+            score = det.score_one("s", t, value)
+            after, after_meta = det.state_dict()
+            assert after_meta == meta and after.keys() == arrays.keys()
+            for key in arrays:
+                np.testing.assert_array_equal(after[key], arrays[key], err_msg=key)
+        batch = det.process([Reading("s", t, (float(x[warm]) + 6.0,))])
+        assert batch.reason == [""]
+        assert score == float(batch.score[0])
+    assert det.score_one("unknown", t, 1.0) is None
+    assert det.score_one("s", t, 1.0) is None  # the same timestamp again: process would reject it
+
+
+def test_batch_carries_width_step_seconds_and_backend():
+    det = small_detector(warmup=50)
+    batch = det.process([Reading("s", 1.0, (1.0,)), Reading("s", 2.0, (1.0, 2.0))])
+    assert batch.reason == ["", "wrong_arity"]
+    assert batch.width.tolist() == [1, 2]  # the group's model output; the unrouted reading's own
+    assert set(batch.step_seconds) == {"default"} and batch.step_seconds["default"] >= 0
+    assert batch.backends == {"default": "cpu"}

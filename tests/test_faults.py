@@ -318,12 +318,12 @@ def _good_checkpoint(path, cfg: dict) -> None:
     """A real daemon checkpoint of 3 sensors (in-process: same code as the daemon)."""
     from streamlstm.config import parse_config
     from streamlstm.restore import checkpoint_meta
-    from streamlstm.detector.detector import _Reading
+    from streamlstm.reading import Reading
     from streamlstm.factory import build_detector
 
     config = parse_config(cfg)
     det = build_detector(config)
-    det.process([_Reading(f"old{k}", T0 + i, (float(i % 7 + k),)) for i in range(40) for k in range(3)])
+    det.process([Reading(f"old{k}", T0 + i, (float(i % 7 + k),)) for i in range(40) for k in range(3)])
     arrays, meta = det.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, arrays, checkpoint_meta(config, meta))

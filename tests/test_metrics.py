@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy_metrics import PROMETHEUS_BUILTINS, deployed_metric_names, design_metric_names, normalise
+from streamlstm.backend import CpuBackend
 from streamlstm.config import parse_config
-from streamlstm.detector.detector import _Reading
+from streamlstm.detector import Detector
 from streamlstm.factory import build_detector
+from streamlstm.reading import Reading
 from streamlstm.metrics import REJECTION_REASONS, Metrics, serve
 
 # backend cpu: under the test suite NUMBA_ENABLE_CUDASIM=1 makes "auto" pick the (slow) CUDA simulator.
@@ -69,9 +71,9 @@ def _observed_metrics(per_sensor=True, cap=1000):
     for t in range(N):
         for k in range(3):
             value = np.sin(t / 5) + 0.1 * rng.normal() + k + (5.0 if (k == 0 and t == N - 50) else 0.0)
-            readings.append(_Reading(f"s{k}", 1000.0 + t, (float(value),)))
-    readings.append(_Reading("s1", 5000.0, (1.0,)))  # a long gap: model reset "gap"
-    readings.append(_Reading("s1", 4000.0, (1.0,)))  # out_of_order
+            readings.append(Reading(f"s{k}", 1000.0 + t, (float(value),)))
+    readings.append(Reading("s1", 5000.0, (1.0,)))  # a long gap: model reset "gap"
+    readings.append(Reading("s1", 4000.0, (1.0,)))  # out_of_order
     for start in range(0, len(readings), 100):
         batch = det.process(readings[start:start + 100])
         m.observe_batch(batch, {name: 0.001 for name in batch.losses})
@@ -199,3 +201,25 @@ def test_registries_are_independent():
     Metrics(b)
     assert a.get_sample_value("streamlstm_readings_total", {"group": "g"}) == 1
     assert b.get_sample_value("streamlstm_readings_total", {"group": "g"}) is None
+
+
+def test_build_info_reports_the_backend_that_runs():
+    # What `auto` reports once it has moved a group's bank to the GPU (AutoBackend.name).
+    class MovedToCuda(CpuBackend):
+        name = "cuda"
+
+    registry = CollectorRegistry()
+    m = Metrics(registry, version="test", backend="cpu")
+    groups = parse_config({"groups": [{"name": "big", "match": "big*"}, {"name": "rest", "match": "*"}]}).groups
+    det = Detector(groups, lambda name: MovedToCuda() if name == "big" else CpuBackend())
+
+    def label():
+        return [s.labels["backend"] for f in registry.collect() if f.name == "streamlstm_build_info" for s in f.samples]
+
+    m.observe_batch(det.process([Reading("other", 1.0, (1.0,))]))
+    assert label() == ["cpu"]
+    m.observe_batch(det.process([Reading("big1", 1.0, (1.0,))]))
+    assert label() == ["cpu+cuda"]
+    m.init_groups(["big"])  # a reload without group "rest"
+    m.observe_batch(det.process([Reading("big1", 2.0, (1.0,))]))
+    assert label() == ["cuda"]

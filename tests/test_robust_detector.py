@@ -128,13 +128,13 @@ def test_routing_cache_stays_bounded_by_the_sensor_cap():
 
 def test_a_checkpoint_whose_per_sensor_arrays_do_not_fit_its_sensors_is_refused():
     from streamlstm.config import parse_config
-    from streamlstm.detector.detector import _Reading
+    from streamlstm.reading import Reading
     from streamlstm.factory import build_detector
 
     cfg = parse_config({"backend": {"kind": "numpy"}, "model": {"hidden_size": 2, "window": 2},
                         "detector": {"seasonal_periods": []}})
     det = build_detector(cfg)
-    det.process([_Reading(f"s{k}", 1e9 + i, (float(i % 7),)) for i in range(5) for k in range(3)])
+    det.process([Reading(f"s{k}", 1e9 + i, (float(i % 7),)) for i in range(5) for k in range(3)])
     arrays, meta = det.state_dict()
     build_detector(cfg).load_state_dict(dict(arrays), meta)  # as saved: fine
     crafted = dict(arrays)

@@ -5,7 +5,8 @@ import pytest
 from streamlstm.config import ConfigError, parse_config
 from streamlstm.detector.scores import PeakReference
 from streamlstm.detector.seasonal import SeasonalProfiles
-from streamlstm.detector.settings import DetectorSettings, parse_duration
+from streamlstm.config import parse_duration
+from streamlstm.detector.settings import DetectorSettings
 
 from test_detector import run, small_detector
 

@@ -1,8 +1,8 @@
 """Detector: routes readings to model groups and steps each group once per batch.
 
 Used the same way by the daemon and by `streamlstm replay`, so both give identical scores
-for the same readings. River-style single-reading calls (`score_one`, `learn_one`) are
-thin wrappers over the batched path.
+for the same readings. River-style single-reading calls (`score_one`, `learn_one`) go
+through the same batched path.
 """
 from __future__ import annotations
 
@@ -11,26 +11,14 @@ import fnmatch
 
 import numpy as np
 
+from ..config import GroupConfig
+from ..reading import Reading
 from ..spec import ModelSpec
 from .group import OK, BatchResult, GroupDetector
-from .settings import DetectorSettings
 
-WEIGHTS = ("shared", "per_sensor")
+__all__ = ["Detector", "DetectorBatch", "GroupConfig", "Outcome"]
+
 ROUTE_CACHE_FACTOR = 2  # the routing cache holds at most this many times max_sensors ids
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupConfig:
-    name: str = "default"
-    match: str = "*"
-    weights: str = "shared"
-    model: dict = dataclasses.field(default_factory=dict)  # ModelSpec fields but input_size
-    detector: DetectorSettings = DetectorSettings()
-
-    def spec(self, input_size: int) -> ModelSpec:
-        names = {f.name for f in dataclasses.fields(ModelSpec)}
-        kwargs = {k: v for k, v in dict(self.model).items() if k in names and k != "input_size"}
-        return ModelSpec(input_size=input_size, **kwargs)
 
 
 @dataclasses.dataclass
@@ -64,23 +52,21 @@ class DetectorBatch:
     prediction: np.ndarray  # (B, O_max) NaN-padded
     residual: np.ndarray
     band: np.ndarray
+    width: np.ndarray  # (B,) columns of prediction/residual/band that are the reading's own
     values: list
     events: list  # (kind, Incident)
     resets: list  # (group, sensor, reason)
     losses: dict  # group -> mean training loss of this batch (NaN if none)
+    step_seconds: dict  # group -> seconds its model backend took for this batch
+    backends: dict  # group -> name of the backend that ran it ("cpu", "cuda", ...)
 
     def outcome(self, i: int) -> Outcome:
-        width = len(self.values[i]) if self.groups[i] is None else self._width(i)
+        width = int(self.width[i])
         return Outcome(
             self.sensors[i], self.groups[i], float(self.timestamps[i]), list(self.values[i]),
             self.prediction[i, :width].tolist(), self.residual[i, :width].tolist(), float(self.score[i]),
             bool(self.is_anomaly[i]), float(self.threshold[i]), self.reason[i],
         )
-
-    def _width(self, i):
-        row = self.prediction[i]
-        finite = np.flatnonzero(~np.isnan(row))
-        return int(finite[-1]) + 1 if len(finite) else 1
 
     def __len__(self):
         return len(self.sensors)
@@ -88,21 +74,14 @@ class DetectorBatch:
 
 class Detector:
     def __init__(self, groups, backend_factory, max_sensors: int = 100_000):
-        """groups: GroupConfig list (first match wins; a '*' group is appended if none
-        catches everything). backend_factory(group_name) -> a backend for that group's bank."""
-        groups = list(groups)
-        if not any(g.match == "*" for g in groups):
-            groups.append(GroupConfig())
-        names = [g.name for g in groups]
-        if len(set(names)) != len(names):
-            raise ValueError(f"group names must be unique: {names}")
-        for g in groups:
-            if g.weights not in WEIGHTS:
-                raise ValueError(f"group {g.name!r}: weights must be one of {WEIGHTS}")
-        self.groups = groups
+        """groups: a validated configuration's groups (config.GroupConfig: first match wins,
+        names unique, one catches '*'). backend_factory(group_name) -> a backend for that
+        group's bank."""
+        self.groups = list(groups)
         self.backend_factory = backend_factory
         self.max_sensors = max_sensors
         self.active: dict[str, GroupDetector] = {}
+        self._backends: dict = {}  # group -> the backend its GroupDetector steps with
         self._route: dict[str, GroupConfig] = {}
 
     # --- routing ----------------------------------------------------------------------
@@ -121,10 +100,13 @@ class Detector:
     def _detector(self, group: GroupConfig, width: int) -> GroupDetector | None:
         det = self.active.get(group.name)
         if det is None:
-            det = GroupDetector(group.name, group.spec(width), group.detector, group.weights == "shared",
-                                self.backend_factory(group.name))
-            self.active[group.name] = det
+            det = self.active[group.name] = self._new_group(group, width)
         return det if det.spec.input_size == width else None
+
+    def _new_group(self, group: GroupConfig, width: int) -> GroupDetector:
+        backend = self._backends[group.name] = self.backend_factory(group.name)
+        return GroupDetector(group.name, ModelSpec.from_config(group.model, width), group.detector,
+                             group.weights == "shared", backend)
 
     def sensor_count(self) -> int:
         return sum(len(d.names) for d in self.active.values())
@@ -157,13 +139,17 @@ class Detector:
         batch = DetectorBatch(
             sensors, np.array([r.timestamp for r in readings], dtype=np.float64), [None] * B, reason,
             np.zeros(B), np.zeros(B), np.zeros(B, bool), np.zeros(B), np.full((B, o_max), np.nan), np.full((B, o_max), np.nan),
-            np.full((B, o_max), np.nan), values, [], [], {},
+            np.full((B, o_max), np.nan), np.array([len(v) for v in values], dtype=np.int64), values, [], [], {}, {}, {},
         )
         for name, idx in per_group.items():
             det = self.active[name]
             idx = np.asarray(idx)
+            spent = det.kernel_seconds
             res: BatchResult = det.process([sensors[i] for i in idx], batch.timestamps[idx], [values[i] for i in idx])
+            batch.step_seconds[name] = det.kernel_seconds - spent
+            batch.backends[name] = self._backends[name].name  # after the step: auto may have moved it
             O = det.spec.output_size
+            batch.width[idx] = O
             for j, i in enumerate(idx):
                 batch.groups[i] = name
                 batch.reason[i] = res.reason[j]
@@ -183,21 +169,24 @@ class Detector:
     def learn_one(self, sensor: str, timestamp: float, values) -> Outcome:
         """Score one reading, then learn from it (river's score_one + learn_one in one step:
         an online LSTM must see every reading to carry its state)."""
-        return self.process([_Reading(sensor, timestamp, tuple(np.atleast_1d(values)))]).outcome(0)
+        return self.process([Reading(sensor, timestamp, tuple(np.atleast_1d(values)))]).outcome(0)
 
-    def score_one(self, sensor: str, values) -> float | None:
-        """Residual score of a hypothetical next reading, without changing any state."""
+    def score_one(self, sensor: str, timestamp: float, values) -> float | None:
+        """The score `learn_one` (or `process`) would give this reading now, without changing
+        any state. None for a sensor the detector does not know yet, or a reading it would
+        reject. The reading goes through every stage (seasonal, peaks, stuck, warm-up) on a copy
+        of the sensor's group restored from its state_dict: the same path, on throwaway state."""
         group = self.group_for(sensor)
         det = self.active.get(group.name)
         if det is None or sensor not in det.sensors:
             return None
-        slot = np.array([det.sensors[sensor]])
-        z = det.scaler.transform(slot, np.atleast_2d(np.asarray(values, dtype=np.float64)))
-        pred = det.bank.predict(slot)
-        clip = det.spec.input_clip
-        raw = np.sqrt(np.mean((np.clip(z[:, det._outputs], -clip, clip) - pred) ** 2, axis=1))
-        score, _ = det.scorer.score(slot, raw)
-        return float(score[0])
+        values = tuple(np.atleast_1d(np.asarray(values, dtype=np.float64)).tolist())
+        if len(values) != det.spec.input_size:
+            return None
+        copy = GroupDetector(det.name, det.spec, det.settings, det.shared, self.backend_factory(det.name))
+        copy.load_state_dict(*det.state_dict())
+        res = copy.process([sensor], np.array([float(timestamp)]), [values])
+        return None if res.reason[0] else float(res.score[0])
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -216,9 +205,7 @@ class Detector:
             group = by_name.get(name)
             if group is None:
                 continue  # the group was removed from the config: its sensors start fresh
-            width = int(m["shape"][0])
-            det = GroupDetector(name, group.spec(width), group.detector, group.weights == "shared",
-                                self.backend_factory(name))
+            det = self._new_group(group, int(m["shape"][0]))
             prefix = f"{name}/"
             mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             _check_per_sensor_shapes(name, mine, m)
@@ -240,10 +227,3 @@ def _check_per_sensor_shapes(group: str, arrays: dict, meta: dict) -> None:
         if getattr(arr, "ndim", 0) < 1 or arr.shape[0] != n:
             raise ValueError(f"group {group!r}: array {key!r} has shape {getattr(arr, 'shape', None)}, "
                              f"expected {n} rows (one per sensor)")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Reading:
-    sensor: str
-    timestamp: float
-    values: tuple

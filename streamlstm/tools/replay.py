@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ..detector.detector import _Reading
+from ..reading import Reading
 
 # anomaly_score is the alert-suppressed score (what NAB thresholds); raw_score the per-reading one.
 ROW_FIELDS = ("timestamp", "value", "prediction", "residual", "anomaly_score", "is_anomaly", "raw_score")
@@ -99,7 +99,7 @@ def replay_series(detector, sensor: str, seconds, values, chunk: int = 512, prog
     events = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        readings = [_Reading(sensor, float(seconds[i]), tuple(values[i])) for i in range(start, stop)]
+        readings = [Reading(sensor, float(seconds[i]), tuple(values[i])) for i in range(start, stop)]
         batch = detector.process(readings)
         out["prediction"].append(batch.prediction)
         out["residual"].append(batch.residual)
