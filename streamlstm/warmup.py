@@ -52,5 +52,8 @@ def warm_kernels(config, drivers=("serial", "parallel")) -> dict:
                                      tuple(float(wave[r] + 0.1 * k + 0.01 * j) for j in range(width)))
                             for r in range(rounds) for k in range(sensors)]
                 det.process(readings)
+                for active in det.active.values():
+                    if active._compiled is not None and driver == drivers[0]:
+                        active._compiled.compile_entry_points()
         timings[group.name] = time.perf_counter() - t0
     return timings

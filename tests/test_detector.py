@@ -12,7 +12,7 @@ from streamlstm.reading import Reading
 from streamlstm.factory import build_detector
 from streamlstm.tools import replay
 
-SMALL_MODEL = ModelConfig(hidden_size=8, window=8, learning_rate=0.05)
+SMALL_MODEL = ModelConfig(hidden_size=8, window=8, learning_rate=0.05, train_every=1)  # a window per reading
 
 
 def default_detector():

@@ -106,7 +106,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,kw,shared,block,chunk", CASES, ids=[c[0] for c in CASES])
 def test_parity_with_reference(name, kw, shared, block, chunk):
-    spec = ModelSpec(**kw)
+    spec = ModelSpec(**{"train_every": 1, **kw})  # a training window at every step
     drive(
         spec, shared, [NumpyBackend(), CudaBackend(block_size=block, train_chunk=chunk)],
         slots_start=3, slots_end=7, steps=5, max_batch=7,
@@ -115,7 +115,7 @@ def test_parity_with_reference(name, kw, shared, block, chunk):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "sensor"])
 def test_batch_of_one(shared):
-    spec = ModelSpec(dtype="float64", hidden_size=3, window=3)
+    spec = ModelSpec(dtype="float64", hidden_size=3, window=3, train_every=1)
     banks = drive(spec, shared, [NumpyBackend(), CudaBackend(block_size=4)], slots_start=1, slots_end=1, steps=6, max_batch=1)
     assert banks[1].adam_t[0] > 0  # it trained
 
@@ -155,7 +155,7 @@ def test_non_finite_resets_state_and_skips_update(shared):
 def test_checkpoint_portable_between_cuda_and_cpu(shared):
     """The bank's host arrays are the checkpoint format: save on cuda, load on cpu, continue
     in lockstep; and back from cpu to a fresh cuda bank."""
-    spec = ModelSpec(hidden_size=3, window=3)  # float32, the default
+    spec = ModelSpec(hidden_size=3, window=3, train_every=1)  # float32, the default
     cuda_bank = drive(spec, shared, [CudaBackend(block_size=4)], slots_start=5, slots_end=5, steps=3, max_batch=5)[0]
     saved = cuda_bank.state_dict()
     cpu_bank = ModelBank(spec, shared, CpuBackend(parallel_min_batch=1 << 30))
@@ -201,7 +201,7 @@ def test_launch_signatures_match_kernel_signatures(monkeypatch):
         monkeypatch.setattr(kernels_cuda, name, _Recorder(getattr(kernels_cuda, name), name, seen))
     for dtype in ("float32", "float64"):
         for shared in (True, False):
-            bank = ModelBank(ModelSpec(dtype=dtype, hidden_size=2, window=2), shared, CudaBackend(block_size=2))
+            bank = ModelBank(ModelSpec(dtype=dtype, hidden_size=2, window=2, train_every=1), shared, CudaBackend(block_size=2))
             bank.add_slot()
             bank.step([0], [[0.1]])
             bank.step([0], [[0.2]])
@@ -294,7 +294,7 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,kw,shared,block,chunk", GPU_CASES, ids=[c[0] for c in GPU_CASES])
 def test_gpu_parity_with_reference(name, kw, shared, block, chunk):
-    spec = ModelSpec(**kw)
+    spec = ModelSpec(**{"train_every": 1, **kw})  # a training window at every step
     drive(
         spec, shared, [NumpyBackend(), CudaBackend(block_size=block, train_chunk=chunk)],
         slots_start=150, slots_end=301, steps=6, max_batch=300,
@@ -320,7 +320,7 @@ def test_host_side_reset_reaches_the_device():
     from streamlstm.kernels_cuda import CudaBackend
     from streamlstm.spec import ModelSpec
 
-    spec = ModelSpec(input_size=1, hidden_size=3, window=3, dtype="float64")
+    spec = ModelSpec(input_size=1, hidden_size=3, window=3, dtype="float64", train_every=1)
     banks = [ModelBank(spec, True, NumpyBackend()), ModelBank(spec, True, CudaBackend(block_size=4))]
     rng = np.random.default_rng(0)
     for bank in banks:

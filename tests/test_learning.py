@@ -7,7 +7,7 @@ from streamlstm.spec import ModelSpec
 
 
 def test_learns_a_noisy_sine_online():
-    spec = ModelSpec(hidden_size=16, window=16, learning_rate=0.01, dtype="float32")
+    spec = ModelSpec(hidden_size=16, window=16, learning_rate=0.01, dtype="float32", train_every=1)
     bank = ModelBank(spec, True, CpuBackend())
     bank.add_slot()
     rng = np.random.default_rng(0)

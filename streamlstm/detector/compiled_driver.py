@@ -242,6 +242,31 @@ class CompiledPass:
         for f in [self._pool.submit(kernel, *args) for args in calls]:
             f.result()
 
+    def compile_entry_points(self):
+        """Compile (or load from the cache) every kernel this group's pass can call, with empty
+        work: a shared group reaches the threaded round kernels only with wide rounds, which
+        must not compile in the middle of the daemon's first big batch."""
+        from .group import BatchResult
+
+        g = self.group
+        st = self._state()
+        out = BatchResult.empty(1, g.spec.output_size)
+        rw = self._rows(1, out)
+        wk = self._works(st, 1, 1)[0]
+        none = np.zeros(1, np.int64)
+        ts, values = np.zeros(1), np.zeros((1, g.spec.input_size))
+        stop = np.zeros(1, np.bool_)
+        zero = 0
+        if not g.shared:
+            k.walk_sensors(zero, zero, none, none, none, none, none, stop, ts, values, st, rw, self.fp, self.ip, wk)
+            return
+        k.walk_rounds(zero, zero, none, none, none, none, stop, ts, values, st, rw, self.fp, self.ip, wk)
+        if self.threads > 1:  # wide rounds split across threads
+            k.round_score(zero, zero, zero, none, none, none, ts, values, st, rw, self.fp, self.ip, wk, zero, wk.ok)
+            k.round_learn(zero, zero, zero, none, none, none, ts, values, st, rw, self.fp, self.ip, wk, wk.ok)
+            k.round_update(st, wk.acc, np.zeros_like(wk.count), wk.mean)
+            k.profiles_due(zero, zero, none, none, none, ts, st, stop, self.fp, self.ip)
+
     def close(self):
         if self._pool is not None:
             self._pool.shutdown()
