@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from .lstm_math import reset_slot
 from .spec import ModelSpec, init_params
 
 STATE_ARRAYS = ("h", "c", "ring_x", "ring_h", "ring_c", "ring_pos", "ring_len", "pred", "since_train")
@@ -104,11 +105,7 @@ class ModelBank:
 
     def reset_slot(self, s: int):
         """Forget a slot's carried state and history (weights stay)."""
-        self.h[s] = 0
-        self.c[s] = 0
-        self.ring_len[s] = 0
-        self.ring_pos[s] = 0
-        self.pred[s] = 0
+        reset_slot(s, self.h, self.c, self.ring_len, self.ring_pos, self.pred)  # the kernels' own
         self.since_train[s] = 0
         self.backend.reset_slot(self, s)
 

@@ -27,7 +27,8 @@ from numba.extending import register_jitable
 
 from ..kernels_cpu import shared_update
 from ..lstm_math import HP_LR, IP_OPTIMIZER, STATUS_RESET, STATUS_SKIPPED, all_finite, apply_update
-from ..lstm_math import push_and_forward, window_grad
+from ..lstm_math import push_and_forward, reset_slot, window_grad
+from .scaling import CLIP_K, DIFF_HORIZON, DIFF_MIN, IMPLAUSIBLE_RATIO, ROBUST_AFTER  # scaling.py's robust-scale constants
 from .scores import tail_log10, z_for_tail
 
 _JIT = dict(cache=True, nogil=True)
@@ -45,9 +46,6 @@ R_OK, R_NON_FINITE, R_CLOCK_SKEW, R_DUPLICATE, R_LATE = range(5)
  I_CH_MODEL, I_CH_SEASONAL, I_CH_RANGE, I_HAS_PEAKS, I_HAS_STUCK, I_STUCK_MIN, I_JUMP, I_TRAIN_EVERY,
  I_TARGET_LO, I_SHARED, I_PEAK_BASELINE, I_BASELINE, I_SIZE) = range(21)
 PROTECTIONS = ("off", "skip", "damp")
-
-# robust-scaling constants of scaling.py, as the kernel sees them
-from .scaling import CLIP_K, DIFF_HORIZON, DIFF_MIN, IMPLAUSIBLE_RATIO, ROBUST_AFTER  # noqa: E402
 
 LOG_IMPLAUSIBLE = math.log(IMPLAUSIBLE_RATIO)
 
@@ -229,11 +227,7 @@ def needs_profile(st, s, ts):
 @register_jitable
 def _reset_model(st, s):
     """ModelBank.reset_slot (host side) and the model scorer's reset: GroupDetector._reset."""
-    st.h[s] = 0.0
-    st.c[s] = 0.0
-    st.ring_len[s] = 0
-    st.ring_pos[s] = 0
-    st.pred[s] = 0.0
+    reset_slot(s, st.h, st.c, st.ring_len, st.ring_pos, st.pred)
     st.since_train[s] = 0
     _scorer_reset(st, 0, s)
 
