@@ -122,18 +122,19 @@ class Detector:
         per_group: dict[str, list] = {}
         known = self.sensor_count()
         new_sensors = set()
+        # Routed once per sensor and width of this batch (a batch payload repeats its sensor):
+        # the group's name, or the reason the readings are refused.
+        decided: dict[tuple, tuple] = {}
         for i, r in enumerate(readings):
-            group = self.group_for(r.sensor)
-            det = self._detector(group, len(values[i]))
-            if det is None:
-                reason[i] = "wrong_arity"
-                continue
-            if r.sensor not in det.sensors and r.sensor not in new_sensors:
-                if known + len(new_sensors) >= self.max_sensors:
-                    reason[i] = "sensor_cap"
-                    continue
-                new_sensors.add(r.sensor)
-            per_group.setdefault(group.name, []).append(i)
+            key = (r.sensor, len(values[i]))
+            decision = decided.get(key)
+            if decision is None:
+                decision = decided[key] = self._route_reading(r.sensor, len(values[i]), known, new_sensors)
+            refused, name = decision
+            if refused:
+                reason[i] = refused
+            else:
+                per_group.setdefault(name, []).append(i)
 
         o_max = max([d.spec.output_size for d in self.active.values()] + [1])
         batch = DetectorBatch(
@@ -165,6 +166,18 @@ class Detector:
             trained = res.loss[~np.isnan(res.loss)]
             batch.losses[name] = float(trained.mean()) if len(trained) else float("nan")
         return batch
+
+    def _route_reading(self, sensor: str, width: int, known: int, new_sensors: set) -> tuple:
+        """(refusal reason or "", group name) for a sensor's readings of this width."""
+        group = self.group_for(sensor)
+        det = self._detector(group, width)
+        if det is None:
+            return "wrong_arity", None
+        if sensor not in det.sensors and sensor not in new_sensors:
+            if known + len(new_sensors) >= self.max_sensors:
+                return "sensor_cap", None
+            new_sensors.add(sensor)
+        return OK, group.name
 
     def learn_one(self, sensor: str, timestamp: float, values) -> Outcome:
         """Score one reading, then learn from it (river's score_one + learn_one in one step:
