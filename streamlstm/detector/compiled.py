@@ -39,8 +39,7 @@ R_OK, R_NON_FINITE, R_CLOCK_SKEW, R_DUPLICATE, R_LATE = range(5)
 # float parameters
 (F_THRESHOLD, F_RELEASE, F_A_SHORT, F_LONG, F_FAST, F_MIN_SCALE, F_PEAK_FLOOR, F_PEAK_WINDOW, F_PEAK_GROWTH,
  F_STUCK_DECAY, F_STUCK_MAX, F_HORIZON, F_REL_FLOOR, F_ABS_FLOOR, F_CENTER, F_HALF, F_SEASON_ALPHA, F_GAP,
- F_SKEW, F_NOW, F_DAMP, F_BAND_Z0, F_BAND_L0, F_INPUT_CLIP, F_PROTECT_SCORE, F_PROTECT_LOG10, F_SCORE_CLIP,
- F_SCALING_HORIZON, F_SIZE) = range(29)
+ F_SKEW, F_NOW, F_DAMP, F_BAND_Z0, F_BAND_L0, F_INPUT_CLIP, F_PROTECT_SCORE, F_PROTECT_LOG10, F_SCORE_CLIP, F_SIZE) = range(28)
 # int parameters
 (I_WARMUP, I_SCALING_WARMUP, I_FIXED, I_KSIGMA, I_MIN_DURATION, I_COOLDOWN, I_ACCEPT_AFTER, I_PROTECTION,
  I_CH_MODEL, I_CH_SEASONAL, I_CH_RANGE, I_HAS_PEAKS, I_HAS_STUCK, I_STUCK_MIN, I_JUMP, I_TRAIN_EVERY,
@@ -301,7 +300,7 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
         dt = ts - last
         iv = st.interval[s]
         if st.seen[s] >= 5 and iv > 0 and dt > fp[F_GAP] * iv:
-            if dt > fp[F_SCALING_HORIZON] * iv:
+            if dt > fp[F_HORIZON] * iv:
                 _rebase(st, s, x, fp, ip)
             rw.reset_gap[b] = True
             _reset_model(st, s)

@@ -46,7 +46,7 @@ class CompiledPass:
         fp[k.F_STUCK_DECAY] = g.stuck.decay if g.stuck else 1.0
         fp[k.F_STUCK_MAX] = g.stuck.max_log10 if g.stuck else 0.0
         fixed = isinstance(g.scaler, FixedScaler)
-        fp[k.F_HORIZON] = 1.0 if fixed else g.scaler.horizon
+        fp[k.F_HORIZON] = s.scaling_horizon  # the running scale's memory, and the silence that re-centres
         fp[k.F_REL_FLOOR] = 0.0 if fixed else g.scaler.rel_floor
         fp[k.F_ABS_FLOOR] = 0.0 if fixed else g.scaler.abs_floor
         fp[k.F_CENTER] = g.scaler.center if fixed else 0.0
@@ -61,7 +61,6 @@ class CompiledPass:
         fp[k.F_PROTECT_SCORE] = PROTECT_SCORE
         fp[k.F_PROTECT_LOG10] = PROTECT_LOG10
         fp[k.F_SCORE_CLIP] = SCORE_CLIP
-        fp[k.F_SCALING_HORIZON] = s.scaling_horizon
         ip[k.I_WARMUP] = s.warmup
         ip[k.I_SCALING_WARMUP] = s.scaling_warmup
         ip[k.I_FIXED] = fixed
@@ -90,6 +89,8 @@ class CompiledPass:
         self.min_parallel_round = 256  # measured: a hand-off per round costs more than 64 sensors of work
         self._pool = None
         self._work = []  # per-thread scratch (make_work), reused across batches
+        self._blanks = {}  # _blank's arrays by shape, for the current slot capacity
+        self._blank_capacity = -1
 
     @staticmethod
     def supports(group) -> bool:
@@ -98,28 +99,37 @@ class CompiledPass:
 
     # --- state ------------------------------------------------------------------------
 
+    def _blank(self, shape, dtype=np.float64):
+        """Stand-in arrays for state a configuration does not have (fixed scaling, no stuck
+        channel, no seasonal profiles, no peak references): the kernels keep one signature."""
+        key = (shape, np.dtype(dtype))
+        blank = self._blanks.get(key)
+        if blank is None:
+            blank = self._blanks[key] = np.zeros(shape, dtype)
+        return blank
+
     def _state(self) -> k.State:
         g = self.group
         n = len(g.seen)
+        if n != self._blank_capacity:  # the group grew: stand-ins of the old capacity go
+            self._blanks.clear()
+            self._blank_capacity = n
         I, O = g.spec.input_size, g.spec.output_size
-        zeros = np.zeros(n)
-        scal = g.scaler
-        fixed = self.ip[k.I_FIXED]
-        wide = np.zeros((n, I))
+        scal = g.scaler if not self.ip[k.I_FIXED] else None
         st = g.stuck
         se = g.seasonal
         b = g.bank
+        wide, flat = (lambda: self._blank((n, I))), (lambda: self._blank((n,)))  # noqa: E731
         return k.State(
             g.last_ts, g.interval, g.seen, g.alert_peak, g.clock.run, g.clock.prev,
-            wide if fixed else scal.mean, wide if fixed else scal.var, zeros if fixed else scal.count,
-            wide if fixed else scal.prev, wide if fixed else scal.logdiff, wide if fixed else scal.ndiff,
+            *((scal.mean, scal.var, scal.count, scal.prev, scal.logdiff, scal.ndiff) if scal else
+              (wide(), wide(), flat(), wide(), wide(), wide())),
             *(g.score_store.arrays[name] for name in ("smooth", "mean", "var", "fmean", "fvar", "count")),
             g.peak_store.arrays["peak"], g.peak_store.arrays["base"],
-            st.last if st else wide, st.run if st else zeros, st.longest if st else zeros,
-            st.repeats if st else zeros, st.total if st else zeros,
-            se.start if se else zeros, se.offset if se else np.zeros((n, 0), np.int64),
-            se.bins if se else np.zeros((n, 0), np.int64), se.bin_width if se else np.zeros((n, 0)),
-            se.pool if se else np.zeros((1, O), np.float32), se.periods if se else np.zeros(0),
+            *((st.last, st.run, st.longest, st.repeats, st.total) if st else (wide(), flat(), flat(), flat(), flat())),
+            *((se.start, se.offset, se.bins, se.bin_width, se.pool, se.periods) if se else
+              (flat(), self._blank((n, 0), np.int64), self._blank((n, 0), np.int64), self._blank((n, 0)),
+               self._blank((1, O), np.float32), self._blank((0,)))),
             g.incidents.above, g.incidents.open, g.incidents.cooldown, g.incidents.peak, g.incidents.peak_ts,
             g.incidents.length,
             b.theta, b.m, b.v, b.adam_t, b.h, b.c, b.ring_x, b.ring_h, b.ring_c, b.ring_pos, b.ring_len, b.pred,

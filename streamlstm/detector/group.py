@@ -129,7 +129,6 @@ class GroupDetector:
         self.kernel_seconds = 0.0  # time inside the model backend (replay reports its share)
         # The compiled pass (compiled.py) where it covers the configuration and the model runs
         # on the CPU; the NumPy path below is its readable oracle (and serves the rest).
-        self.engine = engine
         self._compiled = CompiledPass(self) if engine != "numpy" and CompiledPass.supports(self) else None
 
     # --- sensors ----------------------------------------------------------------------
