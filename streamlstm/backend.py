@@ -140,10 +140,12 @@ class AutoBackend:
     def name(self):
         return self.active.name
 
-    def place(self, bank, batch: int):
-        """Move the bank to the GPU if a batch of `batch` sensors warrants it (the compiled
-        detector pass asks before each batch; train/forward ask themselves)."""
-        self._maybe_move(bank, batch)
+    def place(self, bank, slots):
+        """Move the bank to the GPU if a batch over these slots (a slot may repeat) has enough
+        distinct sensors (the compiled detector pass asks before each batch; train/forward ask
+        themselves). Counting them costs a sort: only for batches that could qualify."""
+        if self.active.name != "cuda" and len(slots) >= self.cuda_min_batch:
+            self._maybe_move(bank, len(np.unique(slots)))
 
     def _maybe_move(self, bank, batch: int):
         if self.active.name == "cuda" or batch < self.cuda_min_batch:

@@ -34,7 +34,7 @@ from .scores import tail_log10, z_for_tail
 _JIT = dict(cache=True, nogil=True)
 
 # reason codes (GroupDetector.REASONS)
-R_OK, R_NON_FINITE, R_CLOCK_SKEW, R_DUPLICATE, R_LATE = range(5)
+R_OK, R_CLOCK_SKEW, R_DUPLICATE, R_LATE = range(4)  # non-finite readings never reach the kernels
 
 # float parameters
 (F_THRESHOLD, F_RELEASE, F_A_SHORT, F_LONG, F_FAST, F_MIN_SCALE, F_PEAK_FLOOR, F_PEAK_WINDOW, F_PEAK_GROWTH,

@@ -15,11 +15,9 @@ from numba import get_num_threads
 
 from ..lstm_math import hyper_arrays
 from . import compiled as k
-from .incidents import Incident
 from .scores import HALF_L, z_for_tail
-from .settings import CHANNELS
 
-REASONS = {k.R_NON_FINITE: "non_finite", k.R_CLOCK_SKEW: "clock_skew", k.R_DUPLICATE: "duplicate_timestamp",
+REASONS = {k.R_CLOCK_SKEW: "clock_skew", k.R_DUPLICATE: "duplicate_timestamp",
            k.R_LATE: "out_of_order"}
 
 
@@ -277,11 +275,6 @@ class CompiledPass:
             k.round_update(st, wk.acc, np.zeros_like(wk.count), wk.mean)
             k.profiles_due(zero, zero, none, none, none, ts, st, stop, self.fp, self.ip)
 
-    def close(self):
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
     def _allocate(self, slots, ts):
         """Seasonal storage that became due (SeasonalProfiles._enable, as the NumPy path)."""
         g = self.group
@@ -306,19 +299,15 @@ class CompiledPass:
             if rw.reset_gap[b]:
                 out.resets.append((name, "gap"))
             if rw.gap_closed[b]:
-                incident = g.open.pop(slot, None)
+                incident = g._close_incident(slot, float(rw.gap_end[b]), "gap")
                 if incident is not None:
-                    incident.end = float(rw.gap_end[b])
-                    incident.reason = "gap"
                     incident.peak_score = float(rw.gap_peak[b])
                     incident.peak_timestamp = float(rw.gap_peak_ts[b])
                     incident.readings = int(rw.gap_length[b])
                     out.events.append(("resolved", incident))
             if rw.closed[b]:
-                incident = g.open.pop(slot, None)
+                incident = g._close_incident(slot, float(ts[b]), "accepted" if rw.accepted[b] else "returned")
                 if incident is not None:
-                    incident.end = float(ts[b])
-                    incident.reason = "accepted" if rw.accepted[b] else "returned"
                     incident.peak_score = float(rw.inc_peak[b])
                     incident.peak_timestamp = float(rw.inc_peak_ts[b])
                     incident.readings = int(rw.inc_length[b]) - int(rw.accepted[b])
@@ -329,14 +318,8 @@ class CompiledPass:
                 out.resets.append((name, "implausible_scale"))
             if rw.opened[b]:
                 O = g.spec.output_size
-                incident = Incident(
-                    sensor=name, group=g.name, start=float(ts[b]), timestamp=float(ts[b]),
-                    value=values[b].tolist(), prediction=out.prediction[b, :O].tolist(),
-                    residual=out.residual[b, :O].tolist(), score=float(out.score[b]), threshold=float(g.threshold),
-                    peak_score=float(out.score[b]), peak_timestamp=float(ts[b]), readings=1,
-                    evidence=CHANNELS[int(rw.fired[b])],
-                )
-                g.open[slot] = incident
+                incident = g._open_incident(slot, ts[b], values[b], out.prediction[b, :O], out.residual[b, :O],
+                                            out.score[b], rw.fired[b])
                 out.events.append(("anomaly", incident))
         # incidents still open: what the NumPy path counts reading by reading
         inc = g.incidents

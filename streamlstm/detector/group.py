@@ -106,12 +106,12 @@ class GroupDetector:
         # Seasonal channels: one profile and one residual likelihood per period, learnt by
         # every scorer type alike (their tail probability is what gets combined).
         self.seasonal = SeasonalProfiles(periods, spec.output_size, s.seasonal_alpha, s.seasonal_max_bins) if periods else None
-        self.range_scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale, self.score_store)
-        self.season_scorers = [LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale, self.score_store)
-                               for _ in periods]
         # The range channel: how far the reading is from the sensor's running normal (the
         # scaler's mean and std, which stop learning while an incident is open, so it keeps
         # measuring the distance from the normal the sensor had before the incident).
+        self.range_scorer = LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale, self.score_store)
+        self.season_scorers = [LikelihoodScorer(s.short_window, s.long_window, s.min_residual_scale, self.score_store)
+                               for _ in periods]
         # Peak references calibrate each channel's evidence to the sensor's own peaks.
         self.peaks = {c: PeakReference(s.peak_memory, self.peak_store) for c in CALIBRATED} if s.peak_memory > 0 else {}
         # Stuck evidence saturates a little above the alert threshold: enough to open an
@@ -176,7 +176,7 @@ class GroupDetector:
             out.reason[i] = "non_finite"
         slots = np.array([self.slot_of(s) if ok else -1 for s, ok in zip(sensors, finite)], dtype=np.int64)
         good = np.flatnonzero(finite)
-        if self._use_compiled(len(np.unique(slots[good])) if len(good) else 0):
+        if self._use_compiled(slots[good]):
             self._compiled.process(slots, good, timestamps, values, out)
             return out
         for positions in rounds(slots[good]):
@@ -315,12 +315,12 @@ class GroupDetector:
             self.seen[slots[k]] = 0
         self._events(slots, ts, values, prediction, residual, score, opened, closed, accepted, fired, is_anomaly, out)
 
-    def _use_compiled(self, distinct_sensors: int) -> bool:
+    def _use_compiled(self, slots) -> bool:
         if self._compiled is None:
             return False
         place = getattr(self.bank.backend, "place", None)
         if place is not None:  # auto: a batch this wide may move the bank to the GPU
-            place(self.bank, distinct_sensors)
+            place(self.bank, slots)
         return self.bank.backend.name == "cpu"
 
     def _baseline_count(self, slots):
@@ -379,10 +379,8 @@ class GroupDetector:
             slot = slots[k]
             out.resets.append((self.names[slot], "gap"))
             self._reset(slot)
-            incident = self.open.pop(int(slot), None)
+            incident = self._close_incident(int(slot), float(self.last_ts[slot]), "gap")
             if incident is not None and self.incidents.force_close(np.array([slot]))[0]:
-                incident.end = float(self.last_ts[slot])
-                incident.reason = "gap"
                 out.events.append(("resolved", incident))
 
     def _rebase_level(self, slots, values):
@@ -415,10 +413,8 @@ class GroupDetector:
 
     def _events(self, slots, ts, values, prediction, residual, score, opened, closed, accepted, fired, is_anomaly, out):
         for k in np.flatnonzero(closed):
-            incident = self.open.pop(int(slots[k]), None)
+            incident = self._close_incident(int(slots[k]), float(ts[k]), "accepted" if accepted[k] else "returned")
             if incident is not None:
-                incident.end = float(ts[k])
-                incident.reason = "accepted" if accepted[k] else "returned"
                 incident.peak_score = float(self.incidents.peak[slots[k]])
                 incident.peak_timestamp = float(self.incidents.peak_ts[slots[k]])
                 out.events.append(("resolved", incident))
@@ -429,15 +425,27 @@ class GroupDetector:
                 incident.peak_score = float(self.incidents.peak[slots[k]])
                 incident.peak_timestamp = float(self.incidents.peak_ts[slots[k]])
         for k in np.flatnonzero(opened):
-            slot = int(slots[k])
-            incident = Incident(
-                sensor=self.names[slot], group=self.name, start=float(ts[k]), timestamp=float(ts[k]),
-                value=values[k].tolist(), prediction=prediction[k].tolist(), residual=residual[k].tolist(),
-                score=float(score[k]), threshold=float(self.threshold), peak_score=float(score[k]),
-                peak_timestamp=float(ts[k]), readings=1, evidence=CHANNELS[fired[k]],
-            )
-            self.open[slot] = incident
+            incident = self._open_incident(int(slots[k]), ts[k], values[k], prediction[k], residual[k], score[k], fired[k])
             out.events.append(("anomaly", incident))
+
+    def _open_incident(self, slot, ts, value, prediction, residual, score, channel) -> Incident:
+        """A new incident of `slot`, now open, for its `anomaly` event (both paths)."""
+        incident = Incident(
+            sensor=self.names[slot], group=self.name, start=float(ts), timestamp=float(ts),
+            value=np.asarray(value).tolist(), prediction=np.asarray(prediction).tolist(),
+            residual=np.asarray(residual).tolist(), score=float(score), threshold=float(self.threshold),
+            peak_score=float(score), peak_timestamp=float(ts), readings=1, evidence=CHANNELS[int(channel)],
+        )
+        self.open[slot] = incident
+        return incident
+
+    def _close_incident(self, slot, end: float, reason: str) -> Incident | None:
+        """The open incident of `slot`, closed, for its `resolved` event; None if it has none."""
+        incident = self.open.pop(slot, None)
+        if incident is not None:
+            incident.end = end
+            incident.reason = reason
+        return incident
 
     # --- checkpoints ------------------------------------------------------------------
 
