@@ -326,11 +326,12 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
     for o in range(O):
         # evidence on the reading as it is (float64, unclipped up to SCORE_CLIP); the model
         # gets the float32 copy
-        t = (x[tlo + o] - _mean(st, s, tlo + o, fp, ip)) / _std(st, s, tlo + o, fp, ip)
+        sd = _std(st, s, tlo + o, fp, ip)
+        rw.std[b, o] = sd
+        t = (x[tlo + o] - _mean(st, s, tlo + o, fp, ip)) / sd
         t = min(max(t, -clip), clip)
         raw = max(raw, abs(t - st.pred[s, o]))
         target_max = max(target_max, abs(t))
-        rw.std[b, o] = _std(st, s, tlo + o, fp, ip)
         rw.prediction[b, o] = st.pred[s, o]  # scaled; made sensor units in the learning half
     if not has_pred:
         raw = 0.0
