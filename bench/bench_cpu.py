@@ -112,7 +112,8 @@ def bench_train_single(torch, rng, out, H=64, T=32):
     scale = np.ones(1)
     loss, status = np.empty(1), np.zeros(1, np.int64)
     args = (False, slots, x, scale, bank.theta, bank.m, bank.v, bank.adam_t, bank.offs, hp, ip, bank.ring_x,
-            bank.ring_h, bank.ring_c, bank.ring_pos, bank.ring_len, loss, status)
+            bank.ring_h, bank.ring_c, bank.ring_pos, bank.ring_len, loss, status,
+            np.zeros((1, 0), bank.theta.dtype), np.zeros(1, np.int64))  # per-sensor weights: no pending sum
     ours = best_time(lambda: kernels_cpu.train_batch_serial(*args))
     row = dict(case="train step 1 sensor (T=32, Adam)", H=H, ours_us=ours * 1e6)
     if torch:

@@ -1,7 +1,9 @@
 """Backend selection: the one place that asks whether CUDA exists.
 
-A backend steps a `ModelBank`: `train(bank, slots, x, scale) -> (loss, status)` and
-`forward(bank, slots, x) -> status`. Host backends work on the bank's NumPy arrays in
+A backend steps a `ModelBank`: `train(bank, slots, x, scale) -> (loss, status)`,
+`forward(bank, slots, x) -> status` and `apply_shared(bank)`. Shared weights: `train` adds the
+windows' gradients to the bank's pending sum (`grad_sum`, `grad_count`, host arrays) and
+`apply_shared` makes the one update from their mean. Host backends work on the bank's NumPy arrays in
 place; a device backend keeps mirrors and implements `attach` (upload after the bank
 (re)allocated), `sync` (download everything), `sync_pred` (download predictions) and
 `reset_slot` (apply a host-side slot reset on the device).
@@ -42,6 +44,11 @@ class NumpyBackend(_HostBackend):
         from . import reference
 
         return reference.step_train(bank.spec, bank, slots, x, scale, bank.shared)
+
+    def apply_shared(self, bank):
+        from . import reference
+
+        reference.apply_shared(bank.spec, bank)
 
     def forward(self, bank, slots, x):
         from . import reference
@@ -87,7 +94,7 @@ class CpuBackend(_HostBackend):
         args = (
             bank.shared, slots, x, np.ascontiguousarray(scale, dtype=np.float64), bank.theta, bank.m, bank.v,
             bank.adam_t, bank.offs, hp, ip, bank.ring_x, bank.ring_h, bank.ring_c, bank.ring_pos, bank.ring_len,
-            loss, status,
+            loss, status, *self._pending(bank),
         )
         chunks = self._chunks(B)
         if chunks:
@@ -95,6 +102,17 @@ class CpuBackend(_HostBackend):
         else:
             self._k.train_batch_serial(*args)
         return loss, status
+
+    @staticmethod
+    def _pending(bank):
+        """The shared bank's pending gradient sum; per-sensor weights update in place (none)."""
+        if bank.shared:
+            return bank.grad_sum, bank.grad_count
+        return np.zeros((1, 0), bank.theta.dtype), np.zeros(1, np.int64)
+
+    def apply_shared(self, bank):
+        hp, ip = self._hp(bank.spec)
+        self._k.apply_shared(bank.theta, bank.m, bank.v, bank.adam_t, hp, ip, bank.grad_sum, bank.grad_count)
 
     def forward(self, bank, slots, x):
         B = len(slots)
@@ -175,6 +193,9 @@ class AutoBackend:
     def train(self, bank, slots, x, scale):
         self._maybe_move(bank, len(slots))
         return self.active.train(bank, slots, x, scale)
+
+    def apply_shared(self, bank):
+        self.active.apply_shared(bank)
 
     def forward(self, bank, slots, x):
         self._maybe_move(bank, len(slots))

@@ -8,6 +8,8 @@ Arrays (S = slot capacity, R = weight rows: 1 for shared weights, S for per-sens
   ring_pos, ring_len (S,) ring write position and fill
   pred (S, O)             the prediction made for each slot's next reading
   since_train (S,)        readings since the slot's last training window
+  grad_sum (1, P), grad_count (1,)  shared weights only: the gradients trained since the last
+                          update, waiting for it (`apply_shared`); empty between batches
 
 Growing the capacity copies the arrays into bigger ones (amortised doubling); the kernels
 take arrays as arguments, so nothing recompiles and no state is lost.
@@ -54,6 +56,8 @@ class ModelBank:
             self.m = np.zeros_like(self.theta)
             self.v = np.zeros_like(self.theta)
             self.adam_t = np.zeros(1, dtype=np.int64)
+            self.grad_sum = np.zeros_like(self.theta)
+            self.grad_count = np.zeros(1, dtype=np.int64)
         self._alloc_state(max(1, capacity))
         backend.attach(self)
 
@@ -111,12 +115,13 @@ class ModelBank:
 
     # --- stepping ---------------------------------------------------------------------
 
-    def step(self, slots, x, lr_scale=None, learn: bool = True) -> StepResult:
+    def step(self, slots, x, lr_scale=None, learn: bool = True, apply: bool = True) -> StepResult:
         """One reading for each of `slots` (distinct): score-side prediction, train, forward.
 
         x: (B, I) scaled readings. lr_scale (B,): 0 skips training, 1 full learning rate
         (learning protection passes a smaller factor for suspected anomalies). A slot trains
-        every `train_every` of its readings.
+        every `train_every` of its readings. Shared weights: the step's gradients join the
+        pending sum, applied as one update now, or (apply=False) by a later `apply_shared`.
         """
         slots = np.ascontiguousarray(slots, dtype=np.int64)
         x = np.ascontiguousarray(x, dtype=self.spec.np_dtype).reshape(len(slots), self.spec.input_size)
@@ -136,11 +141,19 @@ class ModelBank:
             loss, status = self.backend.train(self, slots, x, scale)
         else:
             loss, status = np.full(B, np.nan), np.zeros(B, np.int64)
+        if apply:
+            self.apply_shared()
         fstatus = self.backend.forward(self, slots, x)
         self.backend.sync_pred(self)
         status = np.maximum(status, fstatus)
         self.since_train[slots[fstatus == 1]] = 0  # the kernels reset h/c/ring; this is host-side
         return StepResult(before, self.pred[slots].copy(), loss, status)
+
+    def apply_shared(self):
+        """Shared weights: one update from the mean of the pending gradients (a no-op for
+        per-sensor weights, which update with each window, or when nothing is pending)."""
+        if self.shared and self.grad_count[0]:
+            self.backend.apply_shared(self)
 
     def predict(self, slots) -> np.ndarray:
         self.backend.sync_pred(self)

@@ -143,41 +143,46 @@ def shared_update(theta, m, v, adam_t, hp, ip, acc, count, mean):
 
 
 @njit(**_JIT)
-def _finish_shared(theta, m, v, adam_t, hp, ip, acc, count):
+def apply_shared(theta, m, v, adam_t, hp, ip, acc, count):
+    """The pending shared update: mean of acc (1, P) over count[0] gradients; clears both."""
     shared_update(theta, m, v, adam_t, hp, ip, acc, count, np.empty(theta.shape[1], dtype=theta.dtype))
+    acc[0] = 0.0
+    count[0] = 0
 
 
 @njit(**_JIT)
 def train_batch_serial(
-    shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status
+    shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status,
+    acc, count,
 ):
-    acc = np.zeros((1, theta.shape[1] if shared else 0), dtype=theta.dtype)
-    count = np.zeros(1, dtype=np.int64)
+    """Shared weights: the gradients join acc[0] / count[0] (the bank's pending sum)."""
     B = slots.shape[0]
     zero = B - B  # a plain int64, not a literal: the same worker signature as the prange driver
     _train_range(
         zero, B, shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip,
         ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, acc, count, zero,
     )
-    if shared:
-        _finish_shared(theta, m, v, adam_t, hp, ip, acc, count)
 
 
 @njit(parallel=True, **_JIT)
 def train_batch_parallel(
     shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status,
-    n_chunks,
+    acc, count, n_chunks,
 ):
     B = slots.shape[0]
-    acc = np.zeros((n_chunks, theta.shape[1] if shared else 0), dtype=theta.dtype)
-    count = np.zeros(n_chunks, dtype=np.int64)
+    # one sum per chunk (no two threads add into the same row), folded into the pending sum after
+    part = np.zeros((n_chunks, theta.shape[1] if shared else 0), dtype=theta.dtype)
+    part_count = np.zeros(n_chunks, dtype=np.int64)
     for ch in prange(n_chunks):
         chunk = np.int64(ch)
         lo = chunk * B // n_chunks
         hi = (chunk + 1) * B // n_chunks
         _train_range(
             lo, hi, shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip,
-            ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, acc, count, chunk,
+            ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, part, part_count, chunk,
         )
     if shared:
-        _finish_shared(theta, m, v, adam_t, hp, ip, acc, count)
+        for ch in range(n_chunks):
+            for k in range(part.shape[1]):
+                acc[0, k] += part[ch, k]
+            count[0] += part_count[ch]

@@ -604,8 +604,10 @@ def forward_batch(slots, shared, x, theta, offs, clip, h, c, ring_x, ring_h, rin
 
 
 def train_batch(shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring_x, ring_h, ring_c, ring_pos, ring_len, res, scratch, chunk, block_size=128):
-    """Training step over device arrays: BPTT per chunk, then the update(s).
+    """Training step over device arrays: BPTT per chunk, then the per-sensor updates.
 
+    Shared weights: the batch's gradient sum and count are left in scratch.acc / count[0]
+    (the caller adds them to the bank's pending sum; `apply_shared_batch` makes the update).
     `scratch` is a `TrainScratch` sized for `chunk` elements (the caller's memory budget).
     """
     block_size = min(block_size, TRAIN_MAX_BLOCK)
@@ -631,10 +633,15 @@ def train_batch(shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring
             _update_rows_kernel[_blocks(hi - lo, uspb), uspb * utps](
                 lo, hi, slots, scale, theta, m, v, adam_t, hp, ip, sc.grad, sc.tflag, res, sc.part, utps
             )
-    if shared:
-        nblk = sc.blockpart.shape[0]
-        _shared_mean_norm_kernel[nblk, block_size](sc.acc, sc.count, adam_t, sc.norm_part, sc.blockpart)
-        _shared_update_kernel[nblk, block_size](theta, m, v, adam_t, hp, ip, sc.acc, sc.count, sc.blockpart)
+
+
+def apply_shared_batch(theta, m, v, adam_t, hp, ip, scratch, block_size=128):
+    """One shared update from the gradient sum in scratch.acc over scratch.count[0] windows."""
+    block_size = min(block_size, TRAIN_MAX_BLOCK)
+    sc = scratch
+    nblk = sc.blockpart.shape[0]
+    _shared_mean_norm_kernel[nblk, block_size](sc.acc, sc.count, adam_t, sc.norm_part, sc.blockpart)
+    _shared_update_kernel[nblk, block_size](theta, m, v, adam_t, hp, ip, sc.acc, sc.count, sc.blockpart)
 
 
 def kernel_signatures(dtype) -> dict:
@@ -851,8 +858,23 @@ class CudaBackend:
             bool(bank.shared), d_slots, d_x, d_scale, a["theta"], a["m"], a["v"], a["adam_t"], dev.offs, dev.hp, dev.ip,
             a["ring_x"], a["ring_h"], a["ring_c"], a["ring_pos"], a["ring_len"], res, sc, chunk, self.block_size,
         )
+        if bank.shared:
+            # The host holds the pending sum (P numbers) between steps: the device scratch is
+            # per batch size and may be replaced before the update is due.
+            bank.grad_sum[0] += sc.acc.copy_to_host()
+            bank.grad_count[0] += int(sc.count.copy_to_host()[0])
         host = res.copy_to_host()
         return host[:, 0].copy(), host[:, 1].astype(np.int64)
+
+    def apply_shared(self, bank):
+        dev = self._state(bank)
+        sc, _ = self._scratch(dev, bank.spec, 1)
+        sc.acc.copy_to_device(np.ascontiguousarray(bank.grad_sum[0]))
+        sc.count.copy_to_device(np.array([bank.grad_count[0], 0], np.int64))
+        a = dev.arrays
+        apply_shared_batch(a["theta"], a["m"], a["v"], a["adam_t"], dev.hp, dev.ip, sc, self.block_size)
+        bank.grad_sum[0] = 0
+        bank.grad_count[0] = 0
 
     def forward(self, bank, slots, x):
         B = len(slots)

@@ -186,14 +186,14 @@ def _window(spec: ModelSpec, state, s: int, x_new):
 def step_train(spec: ModelSpec, state, slots, x_new, lr_scale, shared: bool):
     """Training half of a batched step: one window per slot with lr_scale > 0.
 
-    Shared weights: the scale-weighted mean gradient over the batch, one update.
-    Per-sensor weights: each slot's own update with lr * scale. Returns (loss, status) per
-    element (loss NaN where nothing was trained).
+    Shared weights: the scale-weighted gradients join state.grad_sum / grad_count (the update
+    is `apply_shared`'s, once per segment of rounds). Per-sensor weights: each slot's own
+    update with lr * scale. Returns (loss, status) per element (loss NaN where nothing was
+    trained).
     """
     B = len(slots)
     losses = np.full(B, np.nan)
     status = np.zeros(B, dtype=np.int64)
-    total, weight = None, 0.0
     for b in range(B):
         s = int(slots[b])
         if lr_scale[b] <= 0 or state.ring_len[s] == 0:
@@ -207,19 +207,26 @@ def step_train(spec: ModelSpec, state, slots, x_new, lr_scale, shared: bool):
             if not np.all(np.isfinite(grad)):
                 status[b] = STATUS_SKIPPED
                 continue
-            contrib = grad * grad.dtype.type(lr_scale[b])
-            total = contrib if total is None else total + contrib
-            weight += 1.0
+            state.grad_sum[0] += grad * grad.dtype.type(lr_scale[b])
+            state.grad_count[0] += 1
         elif apply_update(spec, state.theta[s], state.m[s], state.v[s], grad, step, spec.learning_rate * lr_scale[b]):
             state.adam_t[s] = step
         else:
             status[b] = STATUS_SKIPPED
-    if shared and total is not None:
-        step = int(state.adam_t[0]) + 1
-        mean = total / total.dtype.type(weight)
-        if apply_update(spec, state.theta[0], state.m[0], state.v[0], mean, step, spec.learning_rate):
-            state.adam_t[0] = step
     return losses, status
+
+
+def apply_shared(spec: ModelSpec, state):
+    """Shared weights: one update from the mean of the pending gradients, which it clears."""
+    n = int(state.grad_count[0])
+    if n == 0:
+        return
+    step = int(state.adam_t[0]) + 1
+    mean = state.grad_sum[0] / state.grad_sum.dtype.type(n)
+    if apply_update(spec, state.theta[0], state.m[0], state.v[0], mean, step, spec.learning_rate):
+        state.adam_t[0] = step
+    state.grad_sum[0] = 0
+    state.grad_count[0] = 0
 
 
 def step_forward(spec: ModelSpec, state, slots, x_new, shared: bool):

@@ -2,7 +2,7 @@
 
 Both run the same readings with the same settings on the same model kernels; scores, outputs,
 reasons, resets, events and the final state must agree (float tolerance: the shared-weight
-update sums gradients in another order when rounds are split across threads)."""
+update sums gradients in another order when a segment is split across threads)."""
 import numpy as np
 import pytest
 
@@ -28,7 +28,6 @@ def make(engine, shared, input_size=1, train_every=1, threaded=False, **settings
         assert det._compiled is not None
         if threaded:  # split even small batches across threads, to test that path
             det._compiled.threads = 2
-            det._compiled.min_parallel_round = 3
             det._compiled.min_parallel_readings = 8
     return det
 
@@ -95,9 +94,11 @@ def assert_same_state(da, db, tol=1e-6):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sensor"])
 @pytest.mark.parametrize("threaded", [False, True], ids=["one_thread", "threads"])
-def test_compiled_pass_matches_numpy_path(shared, threaded):
+@pytest.mark.parametrize("train_every", [1, 5])
+def test_compiled_pass_matches_numpy_path(shared, threaded, train_every):
     rows = readings(0, 7, 300)
-    oracle, fast = make("numpy", shared), make("auto", shared, threaded=threaded)
+    oracle = make("numpy", shared, train_every=train_every)
+    fast = make("auto", shared, train_every=train_every, threaded=threaded)
     a, b = run(oracle, rows, 97), run(fast, rows, 97)
     assert_same(a, b)
     assert_same_state(oracle, fast)
@@ -155,3 +156,24 @@ def test_dynamic_scorer_stays_on_the_numpy_path():
 def test_numpy_backend_keeps_the_numpy_path():
     det = GroupDetector("g", ModelSpec(hidden_size=8, window=8), DetectorSettings(), True, make_backend("numpy"))
     assert not det._use_compiled(1)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "auto"])
+def test_shared_weights_update_once_per_segment(engine):
+    """train_every=4: a batch of 12 readings per sensor is 3 segments; every sensor trains once
+    in each, and each segment makes exactly one update of the shared weights, whatever the
+    number of sensors."""
+    det = make(engine, True, train_every=4, threaded=True)
+    t = NOW - 1000.0 + np.arange(52.0)
+    names = ["a", "b", "c"]
+
+    def batch(lo, hi):
+        rows = [(n, t[i], [np.sin(t[i] / 7.0) + k]) for i in range(lo, hi) for k, n in enumerate(names)]
+        return det.process(*zip(*rows))
+
+    batch(0, 40)
+    before = int(det.bank.adam_t[0])
+    res = batch(40, 52)
+    assert np.isfinite(res.loss).sum() == 9  # 3 sensors x 3 windows
+    assert int(det.bank.adam_t[0]) - before == 3
+    assert det.bank.grad_count[0] == 0  # nothing left pending after a batch

@@ -11,18 +11,19 @@ PARALLEL = dict(parallel_min_batch=1)
 STATE = ("theta", "m", "v", "adam_t", "h", "c", "ring_x", "ring_h", "ring_c", "ring_pos", "ring_len", "pred")
 
 
-def _drive(banks, n_slots, steps, seed=1, batch=5):
+def _drive(banks, n_slots, steps, seed=1, batch=5, apply_every=1):
     rng = np.random.default_rng(seed)
     I = banks[0].spec.input_size
     for bank in banks:
         for _ in range(n_slots):
             bank.add_slot()
     results = []
-    for _ in range(steps):
+    for step in range(steps):
         slots = rng.choice(n_slots, size=min(batch, n_slots), replace=False)
         x = rng.normal(size=(len(slots), I)) * 2
         scale = rng.choice([0.0, 0.3, 1.0], size=len(slots))
-        results.append([bank.step(slots, x, scale) for bank in banks])
+        apply = (step + 1) % apply_every == 0
+        results.append([bank.step(slots, x, scale, apply=apply) for bank in banks])
     return results
 
 
@@ -136,3 +137,22 @@ def test_state_dict_round_trip_continues_identically():
     ra, rc = a.step([0, 1, 2], x), c.step([0, 1, 2], x)
     np.testing.assert_array_equal(ra.prediction, rc.prediction)
     np.testing.assert_array_equal(ra.next_prediction, rc.next_prediction)
+
+
+def test_shared_update_deferred_over_steps():
+    """Shared weights: the windows of several steps make one update from their mean (the
+    detector's segments); serial and prange kernels add into the bank's pending sum."""
+    spec = ModelSpec(hidden_size=5, window=4, dtype="float64", train_every=1)
+    banks = [ModelBank(spec, True, NumpyBackend()), ModelBank(spec, True, CpuBackend(**SERIAL)),
+             ModelBank(spec, True, CpuBackend(**PARALLEL))]
+    _drive(banks, n_slots=7, steps=10, apply_every=4)
+    assert banks[0].adam_t[0] == 2  # steps 4 and 8; the windows of steps 9 and 10 are pending
+    for bank in banks[1:]:
+        assert bank.grad_count[0] == banks[0].grad_count[0] > 0
+        np.testing.assert_allclose(bank.grad_sum, banks[0].grad_sum, rtol=1e-9, atol=1e-12)
+    for bank in banks:
+        bank.apply_shared()
+        assert bank.grad_count[0] == 0 and not bank.grad_sum.any()
+    for bank in banks[1:]:
+        _assert_same(banks[0], bank, rtol=1e-9, atol=1e-12)
+    assert banks[0].adam_t[0] == 3

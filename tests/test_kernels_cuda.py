@@ -40,11 +40,12 @@ def assert_same_state(ref, other, tol):
         _close(sr[name], so[name], tol, name)
 
 
-def drive(spec, shared, backends, *, slots_start, slots_end, steps, max_batch, seed=0, capacity=2):
+def drive(spec, shared, backends, *, slots_start, slots_end, steps, max_batch, seed=0, capacity=2, apply_every=1):
     """Step one bank per backend with identical random batches; compare every result with
     the first bank's. Slots are added while stepping (device growth: sync + re-attach),
     batch sizes vary from 1 to max_batch, some elements do not learn, some steps only
-    run forward."""
+    run forward. Shared weights update every `apply_every` steps (the gradients of the
+    steps between wait in the bank)."""
     tol = TOL[spec.dtype]
     banks = [ModelBank(spec, shared, be, capacity=capacity) for be in backends]
     rng = np.random.default_rng(seed)
@@ -66,7 +67,8 @@ def drive(spec, shared, backends, *, slots_start, slots_end, steps, max_batch, s
         scale = rng.uniform(0.2, 1.0, size=B)
         scale[rng.random(B) < 0.25] = 0.0
         learn = step % 4 != 3
-        results = [bank.step(slots, x, lr_scale=scale, learn=learn) for bank in banks]
+        apply = (step + 1) % apply_every == 0
+        results = [bank.step(slots, x, lr_scale=scale, learn=learn, apply=apply) for bank in banks]
         ref = results[0]
         trained += int(np.isfinite(ref.loss).sum())
         for other in results[1:]:
@@ -111,6 +113,23 @@ def test_parity_with_reference(name, kw, shared, block, chunk):
         spec, shared, [NumpyBackend(), CudaBackend(block_size=block, train_chunk=chunk)],
         slots_start=3, slots_end=7, steps=5, max_batch=7,
     )
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["one_chunk", "chunks"])
+def test_shared_update_deferred_over_steps(chunk):
+    """Shared weights: the windows of three steps, one update from their mean (the detector's
+    segments); the pending sum lives on the host, so a scratch regrown in between loses nothing."""
+    spec = ModelSpec(dtype="float64", hidden_size=4, window=3, train_every=1)
+    banks = drive(spec, True, [NumpyBackend(), CudaBackend(block_size=8, train_chunk=chunk)],
+                  slots_start=2, slots_end=6, steps=7, max_batch=6, apply_every=3)
+    assert banks[0].adam_t[0] == 2  # steps 3 and 6 applied; step 7's windows still pending
+    for bank in banks[1:]:
+        _close(banks[0].grad_sum, bank.grad_sum, TOL["float64"], "grad_sum")
+        assert bank.grad_count[0] == banks[0].grad_count[0] > 0
+        bank.apply_shared()
+    banks[0].apply_shared()
+    for bank in banks[1:]:
+        assert_same_state(banks[0], bank, TOL["float64"])
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "sensor"])

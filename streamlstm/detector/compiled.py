@@ -6,12 +6,12 @@ references, incidents, learning weight, model training and forward, scaler/score
 learning) for each sensor's readings in time order, with the state arrays of the very same
 objects, so a group can switch between the two at any batch and checkpoints do not change.
 
-Two walks:
-* per-sensor weights: sensors are independent; `prange` over sensors, each walks its readings.
-* shared weights: every reading's gradient must see the weights of its round (the NumPy path
-  steps in rounds: each sensor's r-th reading of the batch, one mean update per round), so the
-  walk goes round by round: score and gradients of all sensors in the round (in parallel), one
-  update, then forward and learning (in parallel).
+One walk: each sensor's readings in time order; sensors are split across threads.
+* per-sensor weights: sensors are independent.
+* shared weights: the batch goes in segments of `train_every` rounds (a round: each sensor's
+  r-th reading of the batch). Within a segment the weights stay fixed, so sensors are
+  independent again; each thread sums its windows' gradients and the segment ends with one
+  update from their mean (`segment_update`), as the NumPy path does.
 
 A seasonal profile's storage is allocated when it becomes due (once per sensor and period):
 the kernel stops before such a reading and the driver allocates in Python, then resumes.
@@ -63,10 +63,10 @@ State = collections.namedtuple("State", [
 # Scratch of one thread (allocated in Python: the kernels run without Numba's reference counting,
 # which cost more than the detector's own arithmetic, so they must not allocate)
 Work = collections.namedtuple("Work", ["xs", "tg", "acts", "hs", "cs", "masks", "rec", "bufs", "grad", "gates", "buf",
-                                       "season", "acc", "count", "ok", "mean", "wt"])
+                                       "season", "acc", "count", "mean", "wt"])
 
 
-def make_work(st, n_sensors: int, accumulators: int = 1) -> Work:
+def make_work(st, accumulators: int = 1) -> Work:
     T, I = st.ring_x.shape[1:]
     L, H = st.ring_h.shape[2:]
     P = st.theta.shape[1]
@@ -76,7 +76,7 @@ def make_work(st, n_sensors: int, accumulators: int = 1) -> Work:
         np.empty((T, I), dt), np.empty((T, O), dt), np.empty((T, L, 5, H), dt), np.empty((T + 1, L, H), dt),
         np.empty((T + 1, L, H), dt), np.ones((T, L, H), dt), np.empty((2, L, H), dt), np.empty((5, max(4 * H, I)), dt),
         np.empty(P, dt), np.empty(4 * H, dt), np.empty(max(H, I), dt), np.empty(max(st.se_periods.shape[0], 1)),
-        np.zeros((accumulators, P), dt), np.zeros(accumulators, np.int64), np.zeros(max(n_sensors, 1), np.bool_),
+        np.zeros((accumulators, P), dt), np.zeros(accumulators, np.int64),
         np.empty(P, dt), np.empty((L, 2, 4 * H, H), dt),
     )
 
@@ -456,7 +456,7 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
 @register_jitable
 def train_reading(b, s, st, rw, ip, wk, ch):
     """Count the reading towards `train_every`; train on the window when due. Shared weights
-    accumulate the gradient into acc[ch] (the caller applies one update per round)."""
+    accumulate the gradient into acc[ch] (the driver applies one update per segment)."""
     st.since_train[s] += 1
     due = st.since_train[s] >= ip[I_TRAIN_EVERY]
     if due:
@@ -622,48 +622,48 @@ _PASS = dict(cache=True, nogil=True, _nrt=False)
 
 
 @njit(**_PASS)
-def walk_sensors(lo, hi, order, first, nread, slots, progress, stop, ts, values, st, rw, fp, ip, wk):
-    """Per-sensor weights: sensors lo..hi each walk their readings from progress[j] (threads
-    may walk disjoint ranges at once: no state is shared between sensors)."""
-    for j in range(lo, hi):
-        s = slots[j]
-        n = nread[j]
-        r = progress[j]
-        while r < n:
-            b = order[first[j] + r]
-            if profile_due(st, s, ts[b], fp, ip):
-                stop[j] = True
-                break
-            if score_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk):
-                train_reading(b, s, st, rw, ip, wk, 0)
-                learn_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk)
-            r += 1
-        progress[j] = r
+def walk(lo, hi, segment, r_from, r_to, update, order, first, nread, slots, progress, stop, ts, values, st, rw,
+         fp, ip, wk, ch):
+    """Sensors lo..hi (sorted by reading count, most first) walk their readings of rounds
+    r_from..r_to, segment by segment (segments end at multiples of `segment`), each from
+    progress[j]. Per-sensor weights: sensors are independent (one segment spans the batch).
+    Shared weights: the weights stay fixed within a segment and the windows' gradients add up
+    in wk.acc[ch]; with `update` the segment's update follows it here (one thread), otherwise
+    the driver makes it once all threads are through (`segment_update`).
+
+    Stops at a reading whose seasonal storage must be allocated first (stop[j] marks it) and
+    returns the start of that segment (to resume it from there), or r_to when done."""
+    r_end = min(r_from - r_from % segment + segment, r_to)
+    while r_from < r_to:
+        for j in range(lo, hi):
+            if nread[j] <= r_from:
+                break  # sorted by count: no later sensor has readings in this segment
+            s = slots[j]
+            n = min(nread[j], r_end)
+            r = progress[j]
+            while r < n:
+                b = order[first[j] + r]
+                if profile_due(st, s, ts[b], fp, ip):
+                    stop[j] = True
+                    break
+                if score_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk):
+                    train_reading(b, s, st, rw, ip, wk, ch)
+                    learn_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk)
+                r += 1
+            progress[j] = r
+        for j in range(lo, hi):
+            if stop[j]:
+                return r_from
+        if update:
+            _segment_update(st, wk.acc, wk.count, wk.mean)
+        r_from = r_end
+        r_end = min(r_end + segment, r_to)
+    return r_to
 
 
-@njit(**_PASS)
-def round_score(lo, hi, r, order, first, slots, ts, values, st, rw, fp, ip, wk, ch, ok):
-    """Shared weights, round r, sensors lo..hi: score, and accumulate gradients into wk.acc[ch]."""
-    for j in range(lo, hi):
-        b = order[first[j] + r]
-        s = slots[j]
-        ok[j] = score_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk)
-        if ok[j]:
-            train_reading(b, s, st, rw, ip, wk, ch)
-
-
-@njit(**_PASS)
-def round_learn(lo, hi, r, order, first, slots, ts, values, st, rw, fp, ip, wk, ok):
-    """Shared weights, round r, sensors lo..hi, after the round's update: forward and learn."""
-    for j in range(lo, hi):
-        if ok[j]:
-            b = order[first[j] + r]
-            learn_reading(b, slots[j], ts[b], values[b], st, rw, fp, ip, wk)
-
-
-@njit(**_PASS)
-def round_update(st, acc, count, mean):
-    """The round's one shared update: the mean of its sensors' gradients; clears the sums."""
+@register_jitable
+def _segment_update(st, acc, count, mean):
+    """A shared-weight segment's one update: the mean of its windows' gradients; clears the sums."""
     shared_update(st.theta, st.m, st.v, st.adam_t, st.hp, st.ip, acc, count, mean)
     for ch in range(count.shape[0]):
         if count[ch]:
@@ -672,26 +672,5 @@ def round_update(st, acc, count, mean):
 
 
 @njit(**_PASS)
-def profiles_due(r, n, order, first, slots, ts, st, stop, fp, ip):
-    """Marks the round's sensors (0..n) whose seasonal storage is due; True if any."""
-    wanted = False
-    for j in range(n):
-        if profile_due(st, slots[j], ts[order[first[j] + r]], fp, ip):
-            stop[j] = True
-            wanted = True
-    return wanted
-
-
-@njit(**_PASS)
-def walk_rounds(r0, r1, order, first, slots, active, stop, ts, values, st, rw, fp, ip, wk):
-    """Shared weights, rounds r0..r1 in one thread: active[r] sensors (sorted by reading count,
-    most first) take part in round r. Returns the round to resume at (r1 when done); stop
-    marks the sensors whose seasonal storage must be allocated first."""
-    for r in range(r0, r1):
-        n = active[r]
-        if profiles_due(r, n, order, first, slots, ts, st, stop, fp, ip):
-            return r
-        round_score(n - n, n, r, order, first, slots, ts, values, st, rw, fp, ip, wk, n - n, wk.ok)
-        round_update(st, wk.acc, wk.count, wk.mean)
-        round_learn(n - n, n, r, order, first, slots, ts, values, st, rw, fp, ip, wk, wk.ok)
-    return r1
+def segment_update(st, acc, count, mean):
+    _segment_update(st, acc, count, mean)

@@ -81,10 +81,9 @@ class CompiledPass:
         self.hp, self.model_ip = hyper_arrays(spec)
         # Threads run the (nogil) kernels on disjoint sensors; Numba's worker count is the
         # user's knob (NUMBA_NUM_THREADS) for both. A thread hand-off costs ~20 us: only for
-        # batches with enough readings, and shared-weight rounds with enough sensors.
+        # walks (a batch, or a shared-weight segment) with enough readings.
         self.threads = get_num_threads()
         self.min_parallel_readings = 256
-        self.min_parallel_round = 256  # measured: a hand-off per round costs more than 64 sensors of work
         self._pool = None
         self._work = []  # per-thread scratch (make_work), reused across batches
         self._blanks = {}  # _blank's arrays by shape, for the current slot capacity
@@ -166,79 +165,58 @@ class CompiledPass:
         self.fp[k.F_NOW] = g.clock.now() if g.clock.max_skew_s > 0 else 0.0
         t0 = time.perf_counter()
         if g.shared:
-            # most readings first, so round r's sensors are a prefix of the sensor list
+            # most readings first: the sensors still walking in a segment are a prefix
             by_count = np.argsort(-nread, kind="stable")
             first, nread, sensor_slots = first[by_count], nread[by_count], sensor_slots[by_count]
-            self._rounds(order, first, nread, sensor_slots, ts, values, rw)
-        else:
-            self._walk(order, first, nread, sensor_slots, ts, values, rw)
+        self._walk(order, first, nread, sensor_slots, ts, values, rw)
         g.kernel_seconds += time.perf_counter() - t0
         self._finish(slots, ts, values, rw, out, good)
 
-    def _works(self, st, n: int, n_sensors: int):
-        """n thread scratches; they share the gradient sums (one row each) and the `ok` marks."""
+    def _works(self, st, n: int):
+        """n thread scratches; they share the gradient sums (one row each)."""
         if len(self._work) < n:
-            self._work = [k.make_work(st, 1) for _ in range(n)]
+            self._work = [k.make_work(st) for _ in range(n)]
             acc = np.zeros((n, st.theta.shape[1]), st.theta.dtype)
             count = np.zeros(n, np.int64)
             self._work = [w._replace(acc=acc, count=count) for w in self._work]
-        ok = np.zeros(max(n_sensors, 1), np.bool_)
-        return [w._replace(ok=ok) for w in self._work[:n]]
+        return self._work[:n]
 
     def _walk(self, order, first, nread, sensor_slots, ts, values, rw):
-        """Per-sensor weights: sensors walk their readings; threads take disjoint sensor ranges
-        with about equal numbers of readings."""
-        progress = np.zeros(len(first), np.int64)
+        """Sensors walk their readings. Shared weights go segment by segment (one update after
+        each); a segment with enough readings is split across threads (disjoint sensor ranges
+        with about equal numbers of readings), the rest run in one kernel call."""
+        g = self.group
         n = len(first)
-        cuts = [0, n]
-        if self.threads > 1 and n > 1 and len(order) >= self.min_parallel_readings:
-            share = np.searchsorted(np.cumsum(nread), np.arange(1, self.threads) * len(order) / self.threads)
-            cuts = sorted(set([0, *np.minimum(share + 1, n).tolist(), n]))
-        while True:
-            stop = np.zeros(n, np.bool_)
-            st = self._state()
-            works = self._works(st, len(cuts) - 1, n)
-            args = (order, first, nread, sensor_slots, progress, stop, ts, values, st, rw, self.fp, self.ip)
-            self._map(k.walk_sensors, [(lo, hi) + args + (wk,) for lo, hi, wk in zip(cuts[:-1], cuts[1:], works)])
-            if not stop.any():
-                return
-            self._allocate(sensor_slots[stop], ts[order[first[stop] + progress[stop]]])
-
-    def _rounds(self, order, first, nread, sensor_slots, ts, values, rw):
-        """Shared weights, round by round (each sensor's r-th reading, one update per round):
-        rounds wide enough are split across threads, the rest run in one kernel call."""
-        n_rounds = int(nread.max())
-        active = (len(nread) - np.cumsum(np.bincount(nread))[:n_rounds]).astype(np.int64)
-        wide = int(np.sum(active >= self.min_parallel_round)) if self.threads > 1 else 0
-        stop = np.zeros(len(first), np.bool_)
+        longest = int(nread.max())
+        segment = g.spec.train_every if g.shared else longest
+        progress = np.zeros(n, np.int64)
+        stop = np.zeros(n, np.bool_)
         r = 0
-        while r < n_rounds:
+        while r < longest:
             st = self._state()
-            if r < wide:
-                works = self._works(st, self.threads, len(first))
-                w0 = works[0]
-                n = int(active[r])
-                if k.profiles_due(r, n, order, first, sensor_slots, ts, st, stop, self.fp, self.ip):
-                    self._allocated_round(r, order, first, sensor_slots, ts, stop)
-                    continue
-                cuts = np.linspace(0, n, self.threads + 1).astype(np.int64).tolist()
-                common = (r, order, first, sensor_slots, ts, values, st, rw, self.fp, self.ip)
-                self._map(k.round_score, [(lo, hi) + common + (wk, ch, w0.ok)
-                                          for ch, (lo, hi, wk) in enumerate(zip(cuts[:-1], cuts[1:], works))])
-                k.round_update(st, w0.acc, w0.count, w0.mean)
-                self._map(k.round_learn, [(lo, hi) + common + (wk, w0.ok)
-                                          for lo, hi, wk in zip(cuts[:-1], cuts[1:], works)])
-                r += 1
-            else:
-                wk = self._works(st, 1, len(first))[0]
-                r = k.walk_rounds(r, n_rounds, order, first, sensor_slots, active, stop, ts, values, st, rw,
-                                  self.fp, self.ip, wk)
-                if r < n_rounds:
-                    self._allocated_round(r, order, first, sensor_slots, ts, stop)
-
-    def _allocated_round(self, r, order, first, sensor_slots, ts, stop):
-        self._allocate(sensor_slots[stop], ts[order[first[stop] + r]])
-        stop[:] = False
+            r_end = min(r - r % segment + segment, longest)
+            live = int(np.count_nonzero(nread > r))  # sensors with readings in this segment (a prefix)
+            work = np.minimum(nread[:live], r_end) - progress[:live]
+            if self.threads > 1 and live > 1 and work.sum() >= self.min_parallel_readings:
+                share = np.searchsorted(np.cumsum(work), np.arange(1, self.threads) * work.sum() / self.threads)
+                cuts = sorted(set([0, *np.minimum(share + 1, live).tolist(), live]))
+                works = self._works(st, len(cuts) - 1)
+                args = (segment, r, r_end, False, order, first, nread, sensor_slots, progress, stop, ts, values, st,
+                        rw, self.fp, self.ip)
+                self._map(k.walk, [(lo, hi) + args + (wk, ch)
+                                   for ch, (lo, hi, wk) in enumerate(zip(cuts[:-1], cuts[1:], works))])
+                if not stop.any():
+                    if g.shared:
+                        k.segment_update(st, works[0].acc, works[0].count, works[0].mean)
+                    r = r_end
+            else:  # the remaining segments in one call (each narrower than this one)
+                wk = self._works(st, 1)[0]
+                r = k.walk(0, n, segment, r, longest, g.shared, order, first, nread, sensor_slots, progress, stop,
+                           ts, values, st, rw, self.fp, self.ip, wk, 0)
+            if stop.any():
+                held = np.flatnonzero(stop)
+                self._allocate(sensor_slots[held], ts[order[first[held] + progress[held]]])
+                stop[:] = False
 
     def _map(self, kernel, calls):
         """Run kernel(*args) for each args; in threads when there are several (nogil kernels)."""
@@ -252,28 +230,22 @@ class CompiledPass:
 
     def compile_entry_points(self):
         """Compile (or load from the cache) every kernel this group's pass can call, with empty
-        work: a shared group reaches the threaded round kernels only with wide rounds, which
-        must not compile in the middle of the daemon's first big batch."""
+        work, so none compiles in the middle of the daemon's first batch."""
         from .group import BatchResult
 
         g = self.group
         st = self._state()
         out = BatchResult.empty(1, g.spec.output_size)
         rw = self._rows(1, out)
-        wk = self._works(st, 1, 1)[0]
+        wk = self._works(st, 1)[0]
         none = np.zeros(1, np.int64)
         ts, values = np.zeros(1), np.zeros((1, g.spec.input_size))
         stop = np.zeros(1, np.bool_)
         zero = 0
-        if not g.shared:
-            k.walk_sensors(zero, zero, none, none, none, none, none, stop, ts, values, st, rw, self.fp, self.ip, wk)
-            return
-        k.walk_rounds(zero, zero, none, none, none, none, stop, ts, values, st, rw, self.fp, self.ip, wk)
-        if self.threads > 1:  # wide rounds split across threads
-            k.round_score(zero, zero, zero, none, none, none, ts, values, st, rw, self.fp, self.ip, wk, zero, wk.ok)
-            k.round_learn(zero, zero, zero, none, none, none, ts, values, st, rw, self.fp, self.ip, wk, wk.ok)
-            k.round_update(st, wk.acc, np.zeros_like(wk.count), wk.mean)
-            k.profiles_due(zero, zero, none, none, none, ts, st, stop, self.fp, self.ip)
+        k.walk(zero, zero, 1, zero, zero, False, none, none, none, none, none, stop, ts, values, st, rw, self.fp, self.ip,
+               wk, zero)
+        if g.shared:
+            k.segment_update(st, wk.acc, np.zeros_like(wk.count), wk.mean)
 
     def _allocate(self, slots, ts):
         """Seasonal storage that became due (SeasonalProfiles._enable, as the NumPy path)."""

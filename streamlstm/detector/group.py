@@ -179,9 +179,17 @@ class GroupDetector:
         if self._use_compiled(slots[good]):
             self._compiled.process(slots, good, timestamps, values, out)
             return out
-        for positions in rounds(slots[good]):
+        # Shared weights learn in segments of train_every rounds: each sensor trains at most
+        # once in a segment, against the weights the segment started with, and the segment's
+        # windows make one update (the mean gradient) at its end. Sensors are then independent
+        # within a segment, which is what lets the compiled pass walk them in parallel.
+        segment = self.spec.train_every
+        for r, positions in enumerate(rounds(slots[good])):
             idx = good[positions]
             self._round(idx, slots[idx], timestamps[idx], values[idx], out)
+            if (r + 1) % segment == 0:
+                self.bank.apply_shared()
+        self.bank.apply_shared()
         return out
 
     def _round(self, idx, slots, ts, values, out: BatchResult):
@@ -265,7 +273,7 @@ class GroupDetector:
             weight = np.ones(len(slots))
         learn = seen >= s.scaling_warmup  # the scale is still settling before that
         t0 = time.perf_counter()
-        result = self.bank.step(slots, z, np.where(learn, weight, 0.0))
+        result = self.bank.step(slots, z, np.where(learn, weight, 0.0), apply=False)
         self.kernel_seconds += time.perf_counter() - t0
         implausible = self.scaler.update(slots, values, np.where(suspicious, 0.0, 1.0))
         # What normal distance looks like is never learnt from an open incident: the incident
