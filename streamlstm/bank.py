@@ -190,4 +190,7 @@ class ModelBank:
                     raise ValueError(f"{name}: shape {src.shape} does not fit {(size,) + dst.shape[1:]}")
                 dst[:size] = src
         self.size = size
+        if self.shared:  # gradients of the replaced weights must not reach the restored ones
+            self.grad_sum[...] = 0
+            self.grad_count[...] = 0
         self.backend.attach(self)
