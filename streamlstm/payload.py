@@ -1,8 +1,13 @@
-"""MQTT payload -> readings, topic template -> sensor id.
+"""MQTT payload -> readings (as arrays), topic template -> sensor id.
 
 Called from paho's network thread for every message: `PayloadParser.parse` is fast and never
-raises; whatever is wrong with a message ends up in `ParseResult.rejected` as
-``(reason, detail)`` with a reason from docs/design.md. Templates and input specs are validated at
+raises; the message's readings come as one `Chunk` (reading.py: sensor ids, timestamps and
+values as arrays), whatever is wrong with it ends up in `ParseResult.rejected` as
+``(reason, detail)`` with a reason from docs/design.md. A batch is read column by column
+(`_batch_columns`, `_map_columns`: C-level passes over the decoded items, no Python step per
+reading); when an item needs a closer look (anything that would be rejected, nested fields, ISO
+timestamps) the message goes item by item instead, which gives the same readings and every
+item's own reason. Templates and input specs are validated at
 construction (config time) and raise ValueError there.
 
 Payload shapes (``format``):

@@ -204,7 +204,7 @@ class Detector:
         P = len(pair_name)
         sensor_names = list(map(names.__getitem__, pair_name.tolist()))
         routes = list(map(self._route.get, sensor_names))
-        if None in routes:
+        if not all(routes):  # a new sensor (all(): no GroupConfig.__eq__ per sensor)
             routes = [g if g is not None else self.group_for(s) for g, s in zip(routes, sensor_names)]
         group_names = list(dict.fromkeys(map(_NAME, routes)))
         at = dict(zip(group_names, range(len(group_names))))
