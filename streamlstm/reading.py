@@ -24,7 +24,11 @@ class Reading(NamedTuple):
 class Chunk:
     """The readings of one message, in payload order: ``sensors`` (a list, one id per row: a
     batch payload may name a sensor per item), ``timestamps`` (n,) float64, ``values`` (n, w)
-    float64. One width per chunk (an input has one). ``len(chunk)`` is its number of readings."""
+    float64. One width per chunk (an input has one). ``len(chunk)`` is its number of readings.
+
+    A one-reading message (`Chunk.one`) keeps plain lists, ``[timestamp]`` and ``[values]``:
+    two small NumPy arrays per message cost the network thread more than the whole chunk is
+    worth, and `concat` turns a batch of such lists into arrays in one call."""
 
     __slots__ = ("sensors", "timestamps", "values")
 
@@ -35,7 +39,7 @@ class Chunk:
 
     @classmethod
     def one(cls, sensor: str, timestamp: float, values: tuple) -> "Chunk":
-        return cls([sensor], np.array([timestamp], dtype=np.float64), np.array([values], dtype=np.float64))
+        return cls([sensor], [float(timestamp)], [values])
 
     @classmethod
     def of(cls, readings) -> "Chunk":
@@ -48,7 +52,7 @@ class Chunk:
 
     @property
     def width(self) -> int:
-        return self.values.shape[1]
+        return _block(self.values).shape[1]
 
     def split(self, k: int) -> tuple["Chunk", "Chunk"]:
         """The first k readings and the rest (views, no copies)."""
@@ -58,13 +62,14 @@ class Chunk:
     def readings(self) -> list:
         """As `Reading`s (tests, tools): Python floats, as the parser gave them before chunks."""
         return [Reading(s, t, tuple(v)) for s, t, v in
-                zip(self.sensors, self.timestamps.tolist(), self.values.tolist())]
+                zip(self.sensors, np.asarray(self.timestamps, dtype=np.float64).tolist(), _block(self.values).tolist())]
 
     def __eq__(self, other):
         if not isinstance(other, Chunk):
             return NotImplemented
+        mine, theirs = _block(self.values), _block(other.values)
         return (self.sensors == other.sensors and np.array_equal(self.timestamps, other.timestamps)
-                and self.values.shape == other.values.shape and np.array_equal(self.values, other.values))
+                and mine.shape == theirs.shape and np.array_equal(mine, theirs))
 
     __hash__ = None
 
@@ -110,10 +115,27 @@ _NCOLS = itemgetter(1)
 
 def concat(chunks: list) -> Columns:
     """One `Columns` from the chunks of a micro-batch, with a constant number of calls (the
-    per-chunk work is C-level: map/chain over attribute getters, np.concatenate)."""
+    per-chunk work is C-level: map/chain over attribute getters, np.array, np.concatenate)."""
     sensors = list(chain.from_iterable(map(_SENSORS, chunks)))
-    timestamps = np.concatenate(list(map(_TIMESTAMPS, chunks))) if chunks else np.zeros(0)
-    return _joined(sensors, timestamps, list(map(_VALUES, chunks)))
+    if not chunks:
+        return _joined(sensors, np.zeros(0), [])
+    stamps = list(map(_TIMESTAMPS, chunks))
+    if set(map(type, stamps)) == {list}:  # one-reading messages: their lists, joined at once
+        timestamps = np.array(list(chain.from_iterable(stamps)), dtype=np.float64)
+        try:
+            values = np.array(list(chain.from_iterable(map(_VALUES, chunks))), dtype=np.float64)
+        except ValueError:  # rows of several widths
+            values = None
+        if values is not None and values.ndim == 2:
+            return Columns(sensors, timestamps, values, np.full(len(timestamps), values.shape[1], dtype=np.int64))
+    else:
+        timestamps = np.concatenate(stamps).astype(np.float64, copy=False)
+    return _joined(sensors, timestamps, list(map(_block, map(_VALUES, chunks))))
+
+
+def _block(values) -> np.ndarray:
+    """A chunk's values as an (n, w) array (a one-reading chunk holds a list of one tuple)."""
+    return values if type(values) is np.ndarray else np.array(values, dtype=np.float64).reshape(len(values), -1)
 
 
 def _joined(sensors: list, timestamps: np.ndarray, blocks: list) -> Columns:
