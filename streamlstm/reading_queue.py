@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from bisect import bisect_right
+from itertools import accumulate, islice
 
 __all__ = ["ReadingQueue"]
 
@@ -23,6 +25,7 @@ class ReadingQueue:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self._items: collections.deque = collections.deque()
+        self._sizes: collections.deque = collections.deque()  # readings of each entry, in step with _items
         self._count = 0  # readings queued (a marker counts one)
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
@@ -53,7 +56,9 @@ class ReadingQueue:
                     return False
                 self._items.extend(entries)
                 for item, _ in entries:  # inlined _weight: this runs for every message
-                    self._count += 1 if item is None else len(item.timestamps)
+                    w = 1 if item is None else len(item.timestamps)
+                    self._sizes.append(w)
+                    self._count += w
                 if self._count >= self._want:
                     self._not_empty.notify()
                 return True
@@ -71,11 +76,13 @@ class ReadingQueue:
                 if w > free:  # the part that fits now; the rest (with the token) waits for room
                     head, tail = item.split(free)
                     self._items.append((head, None))
+                    self._sizes.append(free)
                     self._count += free
                     entries = list(entries)
                     entries[i] = (tail, token)
                 else:
                     self._items.append(entries[i])
+                    self._sizes.append(w)
                     self._count += w
                     i += 1
                 if self._count >= self._want:
@@ -110,25 +117,28 @@ class ReadingQueue:
                         break
                     self._not_empty.wait(left)
                 self._want = 1
-            items = self._items
-            if self._count <= max_items:  # all of it (the usual case under load: one call)
+            items, sizes = self._items, self._sizes
+            if self._count <= max_items:  # all of it
                 out = list(items)
                 items.clear()
+                sizes.clear()
                 self._count = 0
             else:
-                out = []
-                room = max_items
-                while room > 0:
-                    w = _weight(items[0])
-                    if w > room:
-                        item, token = items[0]
-                        head, tail = item.split(room)
-                        items[0] = (tail, token)
-                        out.append((head, None))
-                        w = room
-                    else:
-                        out.append(items.popleft())
-                    room -= w
+                # Whole entries that fit, found in C (every entry counts >= 1: at most
+                # max_items of them to look at), then the part of the next one that fits.
+                ends = list(accumulate(islice(sizes, max_items)))
+                k = bisect_right(ends, max_items)
+                pop, pop_size = items.popleft, sizes.popleft
+                out = [pop() for _ in range(k)]
+                for _ in range(k):
+                    pop_size()
+                room = max_items - (ends[k - 1] if k else 0)
+                if room > 0:
+                    item, token = items[0]
+                    head, tail = item.split(room)
+                    items[0] = (tail, token)
+                    sizes[0] -= room
+                    out.append((head, None))
                 self._count -= max_items
             self._not_full.notify_all()
             return out
