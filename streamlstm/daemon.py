@@ -242,7 +242,9 @@ class Daemon:
             level = logging.DEBUG if reason == "unavailable" else logging.WARNING
             self.rlog.log(("rejected", reason), level, "rejected (%s): %s", reason, detail)
         chunks = result.chunks
-        if chunks:
+        if len(chunks) == 1:  # a message's readings are one chunk (one width per input)
+            entries = [(chunks[0], token)]
+        elif chunks:
             entries = [(c, None) for c in chunks[:-1]]
             entries.append((chunks[-1], token))
         elif token is not None:
