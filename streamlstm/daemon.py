@@ -309,7 +309,7 @@ class Daemon:
                     break
 
     def _handle(self, entries: list) -> None:
-        chunks = list(filter(None, map(_ITEM, entries)))  # markers (None) carry only a token
+        chunks = list(filter(_not_none, map(_ITEM, entries)))  # markers (None) carry only a token
         if chunks:
             columns = concat(chunks)
             try:

@@ -91,7 +91,8 @@ def _result(readings: list, rejected: list) -> ParseResult:
 
 
 def _one(reading: Reading) -> ParseResult:
-    return ParseResult([Chunk.one(*reading)], [])
+    sensor, timestamp, values = reading  # a float timestamp already: Chunk.one's layout, directly
+    return ParseResult([Chunk([sensor], [timestamp], [values])], [])
 
 
 def _short(value, limit: int = _DETAIL_CHARS) -> str:

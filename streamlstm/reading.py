@@ -121,15 +121,14 @@ def concat(chunks: list) -> Columns:
         return _joined(sensors, np.zeros(0), [])
     stamps = list(map(_TIMESTAMPS, chunks))
     if set(map(type, stamps)) == {list}:  # one-reading messages: their lists, joined at once
-        timestamps = np.array(list(chain.from_iterable(stamps)), dtype=np.float64)
-        try:
-            values = np.array(list(chain.from_iterable(map(_VALUES, chunks))), dtype=np.float64)
-        except ValueError:  # rows of several widths
-            values = None
-        if values is not None and values.ndim == 2:
-            return Columns(sensors, timestamps, values, np.full(len(timestamps), values.shape[1], dtype=np.int64))
-    else:
-        timestamps = np.concatenate(stamps).astype(np.float64, copy=False)
+        rows = list(chain.from_iterable(map(_VALUES, chunks)))
+        widths = set(map(len, rows))
+        if len(widths) == 1:
+            n, w = len(rows), widths.pop()
+            timestamps = np.fromiter(chain.from_iterable(stamps), np.float64, n)
+            values = np.fromiter(chain.from_iterable(rows), np.float64, n * w).reshape(n, w)
+            return Columns(sensors, timestamps, values, np.full(n, w, dtype=np.int64))
+    timestamps = np.concatenate(stamps).astype(np.float64, copy=False)
     return _joined(sensors, timestamps, list(map(_block, map(_VALUES, chunks))))
 
 

@@ -524,6 +524,15 @@ def test_worker_joins_chunks_into_columns_of_several_widths():
     np.testing.assert_array_equal(cols.values, [[1, np.nan], [2, np.nan], [4, 5], [1, np.nan], [2, np.nan]])
     one = concat([a, a])
     assert one.values.shape == (4, 1) and one.width.tolist() == [1] * 4
+    # one-reading messages keep lists; joined alone, with arrays, or with another width
+    singles = [Chunk.one("p", 7.0, (1.5,)), Chunk.one("q", 8, (2,))]
+    cols = concat(singles)
+    assert cols.values.dtype == np.float64 and cols.values.tolist() == [[1.5], [2.0]] and cols.timestamps.tolist() == [7, 8]
+    cols = concat(singles + [a])
+    assert cols.sensors == ["p", "q", "x", "y"] and cols.values[:, 0].tolist() == [1.5, 2, 1, 2]
+    cols = concat(singles + [Chunk.one("v", 9.0, (4.0, 5.0))])
+    assert cols.width.tolist() == [1, 1, 2] and cols.values[2].tolist() == [4, 5]
+    assert Chunk.one("p", 7.0, (1.5,)) == Chunk(["p"], np.array([7.0]), np.array([[1.5]]))
 
 
 def test_anomaly_event_shows_the_incident_as_opened_even_if_closed_in_the_same_batch():
