@@ -7,8 +7,11 @@ import logging
 import threading
 import time
 
+import numpy as np
+
 from .homeassistant import discovery_messages, state_topic
 from .messages import event_message, format_time, state_message
+from .reasons import CODES
 from .version import package_version
 
 __all__ = ["STATE_MIN_INTERVAL_S", "BatchOutput"]
@@ -77,9 +80,8 @@ class BatchOutput:
 
     def _log_rejections(self, batch, detector) -> None:
         cap = self.config.pipeline.max_sensors
-        for i, reason in enumerate(batch.reason):
-            if not reason:
-                continue
+        for i in np.flatnonzero(batch.code).tolist():  # rejected rows only
+            reason = CODES[batch.code[i]]
             if reason == "sensor_cap":
                 self.rlog.log(("rejected", reason), logging.WARNING,
                               "rejected (sensor_cap): sensor %r: pipeline.max_sensors=%d reached", batch.sensors[i], cap)
@@ -90,7 +92,7 @@ class BatchOutput:
                 self.rlog.log(("rejected", reason), logging.WARNING,
                               "rejected (wrong_arity): sensor %r sent %d value(s) per reading, but the model of "
                               "group %r takes %s (one width per group: give the inputs groups of their own)",
-                              batch.sensors[i], len(batch.values[i]), group, expected)
+                              batch.sensors[i], int(batch.value_width[i]), group, expected)
             elif reason in ("out_of_order", "duplicate_timestamp"):
                 # Both times, readable: a device stamping local time as UTC shows up here at once.
                 self.rlog.log(("rejected", reason), logging.WARNING,
@@ -116,12 +118,9 @@ class BatchOutput:
         out = self.config.output
         announce = out.homeassistant.enabled
         topic = state_topic(out)
-        latest = {}
-        for i, reason in enumerate(batch.reason):
-            if not reason:
-                latest[batch.sensors[i]] = i
+        sensors, rows = batch.accepted()  # each sensor's last accepted reading
         now = time.monotonic()
-        for sensor, i in latest.items():
+        for sensor, i in zip(map(batch.names.__getitem__, sensors.tolist()), rows.tolist()):
             flag = bool(batch.is_anomaly[i])
             sent = self._state_sent.get(sensor)
             if sent is not None and now - sent[0] < STATE_MIN_INTERVAL_S and sent[1] == flag:

@@ -3,27 +3,28 @@
 Threads
 
 * paho's network thread (`mqtt_io`): parses each message (`PayloadParser`, never raises),
-  counts rejected payloads, and puts ``(reading, ack token)`` entries into `ReadingQueue`.
+  counts rejected payloads, and puts ``(chunk, ack token)`` entries into `ReadingQueue` (a chunk:
+  the message's readings as arrays, reading.Chunk).
 * worker (the only thread that touches the detector): takes up to ``pipeline.max_batch``
-  entries, waiting at most ``pipeline.max_delay_ms`` for a batch to fill, makes one
-  `Detector.process` call, hands the batch to `BatchOutput` (metrics, logs, events, state,
+  readings, waiting at most ``pipeline.max_delay_ms`` for a batch to fill, joins their chunks
+  into columns (`reading.concat`), makes one `Detector.process` call, hands the batch to `BatchOutput` (metrics, logs, events, state,
   Home Assistant discovery), acks, pings the watchdog, takes checkpoint snapshots and applies
   reloads (`reload_policy`) between batches.
 * checkpoint writer (`Checkpointer`): writes the snapshots the worker hands over (a slow disk
   does not stall the worker); the final checkpoint at shutdown is written by the main thread.
 * main: start-up, signals (SIGTERM/SIGINT stop, SIGHUP reload), shutdown.
 
-Backpressure and acks: the queue holds ``pipeline.queue_size`` entries (one per reading, one
-per payload without readings), plus at most the one message read when it was last below
-that. While it is full the network thread reads no packet (`MqttIO` read gate): TCP flow
+Backpressure and acks: the queue holds ``pipeline.queue_size`` readings (a payload without
+readings counts one), plus at most the one message read when it was last below that. While it is full the network thread reads no packet (`MqttIO` read gate): TCP flow
 control and the MQTT 5 Receive Maximum stop the broker, which keeps the rest queued in our
 persistent session, while the thread goes on sending acks and keepalive pings. (It used to
 block inside the message callback instead: no acks and no pings left then, and a burst cost
 the session when the keepalive lapsed; issue 12.)
 
 A message is acknowledged only after all of its readings went through the detector: its
-token rides on its last reading (or on a marker entry when it had none, e.g. a rejected
-payload), and the FIFO order makes every earlier entry done by then. Acks therefore leave in
+token rides on its chunk (on the last part when a batch boundary splits it; on a marker entry
+when it had no readings, e.g. a rejected payload), and the FIFO order makes every earlier
+entry done by then. Acks therefore leave in
 the order the messages arrived. Delivery is at-least-once: after a crash or a reconnect the
 broker redelivers what was not acked yet (readings with a timestamp are then rejected as
 ``duplicate_timestamp``).
@@ -37,6 +38,8 @@ import math
 import signal
 import threading
 import time
+from functools import partial
+from operator import is_not, itemgetter
 from typing import Optional
 
 from prometheus_client import CollectorRegistry
@@ -55,6 +58,7 @@ from .mqtt_io import MqttIO
 from .payload import ParseResult, PayloadParser
 from .preflight import preflight
 from .ratelimit import RateLimitedLogger
+from .reading import concat
 from .reading_queue import ReadingQueue
 from .reload_policy import ReloadRefused, check_shapes, keep_restart_only, restart_only_changes
 from .restore import MOVED_ASIDE, RESTORED, checkpoint_meta, restore_detector
@@ -74,6 +78,9 @@ STATUS_EVERY_S = 30.0         # STATUS= line for `systemctl status`
 STATUS_FILE_EVERY_S = 5.0     # status.json for `streamlstm status` (status.py) ...
 STATUS_FILE_SENSORS_PER_S = 2000  # ... but less often with many sensors (100k: every 50 s)
 RELOAD_TIMEOUT_S = 120.0
+
+_ITEM, _TOKEN = itemgetter(0), itemgetter(1)  # of a queue entry (chunk or None, ack token or None)
+_not_none = partial(is_not, None)  # C-level, as the getters: no Python call per message
 
 
 # ----------------------------------------------------------------------------------------- daemon
@@ -234,13 +241,12 @@ class Daemon:
             # An offline Home Assistant entity is routine, not a malformed payload: counted, DEBUG.
             level = logging.DEBUG if reason == "unavailable" else logging.WARNING
             self.rlog.log(("rejected", reason), level, "rejected (%s): %s", reason, detail)
-        readings = result.readings
-        if readings:
-            if token is None:
-                entries = [(r, None) for r in readings]
-            else:
-                entries = [(r, None) for r in readings[:-1]]
-                entries.append((readings[-1], token))
+        chunks = result.chunks
+        if len(chunks) == 1:  # a message's readings are one chunk (one width per input)
+            entries = [(chunks[0], token)]
+        elif chunks:
+            entries = [(c, None) for c in chunks[:-1]]
+            entries.append((chunks[-1], token))
         elif token is not None:
             entries = [(None, token)]  # nothing to process: acked in turn, after earlier messages
         else:
@@ -303,25 +309,22 @@ class Daemon:
                     break
 
     def _handle(self, entries: list) -> None:
-        readings = [r for r, _ in entries if r is not None]
-        if readings:
+        chunks = list(filter(_not_none, map(_ITEM, entries)))  # markers (None) carry only a token
+        if chunks:
+            columns = concat(chunks)
             try:
-                self._process(readings)
+                self._process(columns)
             except Exception as exc:  # noqa: BLE001 - a bug must not stop the daemon
                 self.rlog.log("process", logging.ERROR, "processing a batch of %d readings failed: %s: %s",
-                              len(readings), type(exc).__name__, exc)
+                              len(columns), type(exc).__name__, exc)
                 log.debug("traceback", exc_info=True)
-        for _, token in entries:
-            if token is not None:
-                self.mqtt.ack(token)
+        for token in filter(_not_none, map(_TOKEN, entries)):
+            self.mqtt.ack(token)
 
-    def _process(self, readings: list) -> None:
-        batch = self.detector.process(readings)
-        self.processed += len(readings)
-        scores = self._last_scores
-        for i, reason in enumerate(batch.reason):
-            if not reason:
-                scores[batch.sensors[i]] = float(batch.score[i])
+    def _process(self, columns) -> None:
+        batch = self.detector.process(columns)
+        self.processed += len(batch)
+        self._last_scores.update(batch.last_scores())
         self._sync_sensor_gauges()
         self.output.handle(batch, self.detector)
 

@@ -63,9 +63,9 @@ def state_message(batch, i: int, width: int) -> bytes:
     """JSON of a sensor's latest state (retained per-sensor state topic)."""
     return json.dumps({
         "sensor": batch.sensors[i],
-        "group": batch.groups[i],
+        "group": batch.group_names[batch.group[i]],
         "timestamp": _num(batch.timestamps[i]),
-        "value": _values(batch.values[i]),
+        "value": _values(batch.values[i, :batch.value_width[i]]),
         "prediction": _values(batch.prediction[i, :width]),
         "residual": _values(batch.residual[i, :width]),
         "score": _num(batch.score[i]),

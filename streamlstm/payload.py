@@ -1,8 +1,13 @@
-"""MQTT payload -> readings, topic template -> sensor id.
+"""MQTT payload -> readings (as arrays), topic template -> sensor id.
 
 Called from paho's network thread for every message: `PayloadParser.parse` is fast and never
-raises; whatever is wrong with a message ends up in `ParseResult.rejected` as
-``(reason, detail)`` with a reason from docs/design.md. Templates and input specs are validated at
+raises; the message's readings come as one `Chunk` (reading.py: sensor ids, timestamps and
+values as arrays), whatever is wrong with it ends up in `ParseResult.rejected` as
+``(reason, detail)`` with a reason from docs/design.md. A batch is read column by column
+(`_batch_columns`, `_map_columns`: C-level passes over the decoded items, no Python step per
+reading); when an item needs a closer look (anything that would be rejected, nested fields, ISO
+timestamps) the message goes item by item instead, which gives the same readings and every
+item's own reason. Templates and input specs are validated at
 construction (config time) and raise ValueError there.
 
 Payload shapes (``format``):
@@ -35,19 +40,23 @@ import datetime
 import re
 import time
 import zoneinfo
+from itertools import chain, repeat
 from typing import Callable, NamedTuple
+
+import numpy as np
 
 from .config import InputConfig, MqttConfig, section_problems
 from .fields import MISSING as _FIELD_MISSING, FieldSelector
 from .influx import SYNTAX as _INFLUX_SYNTAX, LineError, parse_lines
-from .reading import Reading
+from .reading import Chunk, Reading
 from .reasons import PARSER_REASONS
 from .sensor_names import SensorName
-from .topic_template import TopicTemplate, valid_sensor_id
+from .topic_template import TopicTemplate, valid_sensor_id, valid_sensor_ids
 
 __all__ = [
     "REASONS",
     "InputSpec",
+    "Chunk",
     "ParseResult",
     "PayloadParser",
     "Reading",
@@ -67,8 +76,23 @@ _MAX_PAYLOAD_FIELD = MqttConfig.__dataclass_fields__["max_payload_bytes"]  # sam
 
 
 class ParseResult(NamedTuple):
-    readings: list
+    chunks: list  # [Chunk]: the message's readings as arrays (reading.py); [] when it has none
     rejected: list  # [(reason, detail)]
+
+    @property
+    def readings(self) -> list:
+        """The readings one by one (tests, tools; the daemon takes the chunks)."""
+        return [r for chunk in self.chunks for r in chunk.readings()]
+
+
+def _result(readings: list, rejected: list) -> ParseResult:
+    """ParseResult of the paths that go item by item (one width per input: one chunk)."""
+    return ParseResult([Chunk.of(readings)] if readings else [], rejected)
+
+
+def _one(reading: Reading) -> ParseResult:
+    sensor, timestamp, values = reading  # a float timestamp already: Chunk.one's layout, directly
+    return ParseResult([Chunk([sensor], [timestamp], [values])], [])
 
 
 def _short(value, limit: int = _DETAIL_CHARS) -> str:
@@ -366,7 +390,7 @@ class _Compiled:
     """Per-input lookup tables, prepared once."""
 
     __slots__ = ("spec", "template", "format", "paths", "single_key", "ts_path", "ts_unit",
-                 "arity", "max_bytes", "namer", "selector", "tz")
+                 "arity", "max_bytes", "namer", "selector", "tz", "columns")
 
     def __init__(self, spec: InputSpec):
         self.spec = spec
@@ -392,6 +416,11 @@ class _Compiled:
             self.arity = 1
         else:
             self.selector = None
+        # Batch items read column by column (_batch_columns) when every field is a top-level
+        # key and the timestamp a number: (value keys, timestamp key or None). Else None.
+        flat = all(len(p) == 1 for p in self.paths) and (self.ts_path is None or len(self.ts_path) == 1)
+        self.columns = ((tuple(p[0] for p in self.paths), self.ts_path[0] if self.ts_path else None)
+                        if flat and self.ts_unit != "iso" else None)
 
 
 _UTC = datetime.timezone.utc
@@ -493,17 +522,99 @@ def _scalar(raw, sensor: str, c: _Compiled) -> tuple:
 
 
 def _renamed(result: ParseResult, c: _Compiled) -> ParseResult:
-    """Readings renamed by the input's sensor_name (e.g. ``vec/{sensor}``)."""
-    readings = []
+    """Readings renamed by the input's sensor_name (e.g. ``vec/{sensor}``): once per sensor."""
     rejected = result.rejected
-    for r in result.readings:
-        sid = c.namer.render(r.sensor)
-        if valid_sensor_id(sid):
-            readings.append(Reading(sid, r.timestamp, r.values))
-        else:
-            rejected.append(("missing_field", f"{r.sensor}: sensor_name gives an invalid sensor id "
-                                              f"{_short(sid, 40)}"))
-    return ParseResult(readings, rejected)
+    chunks = []
+    for chunk in result.chunks:
+        renamed = {s: c.namer.render(s) for s in dict.fromkeys(chunk.sensors)}
+        sensors = list(map(renamed.__getitem__, chunk.sensors))
+        if valid_sensor_ids(renamed.values()):
+            chunks.append(Chunk(sensors, chunk.timestamps, chunk.values))
+            continue
+        keep = []
+        for i, (old, sid) in enumerate(zip(chunk.sensors, sensors)):
+            if valid_sensor_id(sid):
+                keep.append(i)
+            else:
+                rejected.append(("missing_field", f"{old}: sensor_name gives an invalid sensor id "
+                                                  f"{_short(sid, 40)}"))
+        if keep:
+            chunks.append(Chunk([sensors[i] for i in keep], chunk.timestamps[keep], chunk.values[keep]))
+    return ParseResult(chunks, rejected)
+
+
+_NUMBERS = frozenset((int, float))
+_NUMBERS_OR_NONE = frozenset((int, float, type(None)))
+_ID_OR_NONE = frozenset((str, type(None)))
+
+
+def _number_column(raw: list):
+    """float64 array of JSON numbers, or None when one is anything else (or overflows)."""
+    if not _NUMBERS.issuperset(map(type, raw)):
+        return None
+    arr = np.array(raw, dtype=np.float64)
+    return arr if np.isfinite(arr).all() else None
+
+
+def _batch_columns(items: list, sensor: str, c: _Compiled, now: float):
+    """A batch array read column by column (C-level passes over the items, no Python step per
+    reading), or None when some item needs a closer look (a rejection, an unusual field): the
+    item-by-item path then gives the same readings and the exact reasons."""
+    if c.columns is None or set(map(type, items)) != {dict}:
+        return None
+    value_keys, ts_key = c.columns
+    n = len(items)
+    sensors = list(map(dict.get, items, repeat(BATCH_SENSOR_FIELD)))
+    kinds = set(map(type, sensors))
+    if kinds == {type(None)}:
+        sensors = [sensor] * n
+    else:
+        if not _ID_OR_NONE.issuperset(kinds):
+            return None
+        if type(None) in kinds:
+            sensors = [sensor if s is None else s for s in sensors]
+        if not valid_sensor_ids(dict.fromkeys(sensors)):
+            return None
+    columns = []
+    for key in value_keys:
+        col = _number_column(list(map(dict.get, items, repeat(key))))
+        if col is None:
+            return None
+        columns.append(col)
+    values = columns[0].reshape(n, 1) if len(columns) == 1 else np.stack(columns, axis=1)
+    if ts_key is None:
+        return Chunk(sensors, np.full(n, now, dtype=np.float64), values)
+    raw = list(map(dict.get, items, repeat(ts_key)))
+    if not _NUMBERS_OR_NONE.issuperset(map(type, raw)):
+        return None
+    ts = np.array(raw, dtype=np.float64)  # None (no timestamp) -> NaN -> the arrival time
+    if c.ts_unit != "s":
+        ts /= _UNIT_DIVISOR[c.ts_unit]
+    missing = np.isnan(ts)
+    ts[missing] = now
+    if not ((ts >= 0.0) & (ts <= MAX_TIMESTAMP)).all():
+        return None
+    return Chunk(sensors, ts, values)
+
+
+def _map_columns(doc: dict, c: _Compiled, now: float):
+    """A sensor map of numbers (or of number lists) as one chunk, or None when some entry needs
+    the entry-by-entry path (a rejection, a reading object)."""
+    keys = list(doc)
+    if not valid_sensor_ids(keys):
+        return None
+    raw = list(doc.values())
+    kinds = set(map(type, raw))
+    if kinds.issubset(_NUMBERS) and c.arity == 1:
+        values = _number_column(raw)
+    elif kinds == {list} and set(map(len, raw)) == {c.arity}:
+        flat = _number_column(list(chain.from_iterable(raw)))
+        values = None if flat is None else flat.reshape(len(raw), c.arity)
+    else:
+        return None
+    if values is None:
+        return None
+    return Chunk(keys, np.full(len(keys), now, dtype=np.float64), values.reshape(len(keys), c.arity))
 
 
 class PayloadParser:
@@ -590,14 +701,14 @@ class PayloadParser:
         fmt = c.format
         if fmt == "number":
             value = _plain_number(payload, sensor)
-            return ParseResult([Reading(sensor, self._clock(), (value,))], [])
+            return ParseResult([Chunk.one(sensor, self._clock(), (value,))], [])
         if fmt == "auto":
             head = payload.lstrip()[:1]
             if head != b"{" and head != b"[":
                 value = _plain_number(payload, sensor)
                 if c.arity != 1:
                     raise _Reject("wrong_arity", f"{sensor}: 1 value, expected {c.arity}")
-                return ParseResult([Reading(sensor, self._clock(), (value,))], [])
+                return ParseResult([Chunk.one(sensor, self._clock(), (value,))], [])
         doc = self._decode(payload, sensor)
         now = self._clock()
         t = type(doc)
@@ -609,7 +720,7 @@ class PayloadParser:
             raise _Reject("bad_json", f"{sensor}: batch must be an array or object, got "
                                       f"{_json_type(doc)}")
         if t is dict:
-            return ParseResult([_reading_from_object(doc, sensor, c, now)], [])
+            return _one(_reading_from_object(doc, sensor, c, now))
         if t is list:
             # auto: an empty array is an empty batch (a gateway with nothing to report).
             if fmt == "auto" and (not doc or any(type(x) is dict for x in doc)):
@@ -617,8 +728,8 @@ class PayloadParser:
             if fmt == "json" and any(type(x) is dict for x in doc):
                 raise _Reject("bad_json", f"{sensor}: array of objects on a json input "
                                           "(use format batch or auto)")
-            return ParseResult([Reading(sensor, now, _vector(doc, sensor, c))], [])
-        return ParseResult([Reading(sensor, now, _scalar(doc, sensor, c))], [])
+            return ParseResult([Chunk.one(sensor, now, _vector(doc, sensor, c))], [])
+        return ParseResult([Chunk.one(sensor, now, _scalar(doc, sensor, c))], [])
 
     def _decode(self, payload: bytes, sensor: str):
         if _too_deep(payload, self.max_depth):
@@ -634,6 +745,16 @@ class PayloadParser:
 
     def _batch_list(self, items: list, sensor: str, c: _Compiled, now: float) -> ParseResult:
         self._check_batch_size(len(items), sensor)
+        if not items:
+            return ParseResult([], [])
+        chunk = _batch_columns(items, sensor, c, now)
+        if chunk is not None:
+            return ParseResult([chunk], [])
+        return self._batch_items(items, sensor, c, now)
+
+    @staticmethod
+    def _batch_items(items: list, sensor: str, c: _Compiled, now: float) -> ParseResult:
+        """A batch array item by item: every item's own reason."""
         readings = []
         rejected = []
         for i, item in enumerate(items):
@@ -652,10 +773,20 @@ class PayloadParser:
                 readings.append(_reading_from_object(item, item_sensor, c, now))
             except _Reject as r:
                 rejected.append((r.reason, r.detail))
-        return ParseResult(readings, rejected)
+        return _result(readings, rejected)
 
     def _batch_map(self, doc: dict, c: _Compiled, now: float) -> ParseResult:
         self._check_batch_size(len(doc), "batch")
+        if not doc:
+            return ParseResult([], [])
+        chunk = _map_columns(doc, c, now)
+        if chunk is not None:
+            return ParseResult([chunk], [])
+        return self._map_items(doc, c, now)
+
+    @staticmethod
+    def _map_items(doc: dict, c: _Compiled, now: float) -> ParseResult:
+        """A sensor map entry by entry: every entry's own reason."""
         readings = []
         rejected = []
         for key, raw in doc.items():
@@ -672,7 +803,7 @@ class PayloadParser:
                     readings.append(Reading(key, now, _scalar(raw, key, c)))
             except _Reject as r:
                 rejected.append((r.reason, r.detail))
-        return ParseResult(readings, rejected)
+        return _result(readings, rejected)
 
     # --- one message, several sensors (fields.py, influx.py) --------------------------------
 
@@ -693,7 +824,7 @@ class PayloadParser:
         self._field_readings(c.selector.select(doc), sensor, c, ts, None, None, readings, rejected)
         if not readings and not rejected:
             rejected.append(("missing_field", f"{sensor}: no numeric field in the object"))
-        return ParseResult(readings, rejected)
+        return _result(readings, rejected)
 
     @staticmethod
     def _field_readings(selected, sensor, c, ts, measurement, tags, readings, rejected) -> None:
@@ -745,4 +876,4 @@ class PayloadParser:
             rejected.append(("bad_line_protocol", f"{sensor}: no numeric field; expected InfluxDB line "
                                                   f"protocol: {_INFLUX_SYNTAX}"))
         self._check_batch_size(len(readings), sensor)
-        return ParseResult(readings, rejected)
+        return _result(readings, rejected)

@@ -2,7 +2,7 @@
 streamlstm_readings_rejected_total, log lines, `ParseResult.rejected`, `DetectorBatch.reason`)."""
 from __future__ import annotations
 
-__all__ = ["PARSER_REASONS", "REJECTION_REASONS"]
+__all__ = ["CODE", "CODES", "PARSER_REASONS", "REJECTION_REASONS"]
 
 _PARSER, _DETECTOR = "parser", "detector"
 
@@ -27,3 +27,6 @@ _BY = {
 
 REJECTION_REASONS = tuple(_BY)
 PARSER_REASONS = frozenset(r for r, by in _BY.items() if _PARSER in by)
+# Reasons as small integers for per-reading arrays (DetectorBatch.code): 0 is "accepted".
+CODES = ("",) + REJECTION_REASONS
+CODE = {reason: code for code, reason in enumerate(CODES)}

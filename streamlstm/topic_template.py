@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 from .topics import MAX_TOPIC_BYTES
 
 __all__ = ["MAX_SENSOR_ID_CHARS", "TemplateProblem", "TopicTemplate", "filter_matches", "subscription_filter",
-           "template_problem", "topic_problem", "valid_sensor_id"]
+           "template_problem", "topic_problem", "valid_sensor_id", "valid_sensor_ids"]
 
 ONE_LEVEL, LAST_LEVELS = "{sensor}", "{sensor+}"
 INPUT_PLACEHOLDERS = (ONE_LEVEL, LAST_LEVELS)
@@ -113,6 +113,23 @@ def valid_sensor_id(sensor) -> bool:
         return False
     # isprintable() already refused surrogates, so the encoding cannot fail.
     return sensor.isascii() or len(sensor.encode("utf-8")) <= MAX_SENSOR_ID_CHARS
+
+
+def valid_sensor_ids(ids) -> bool:
+    """Whether every id is valid (`valid_sensor_id`), checked with C-level passes over all of
+    them (a batch payload names a sensor per item). False: check them one by one."""
+    ids = list(ids)
+    if not ids:
+        return True
+    if set(map(type, ids)) != {str}:
+        return False
+    lengths = list(map(len, ids))
+    if min(lengths) == 0 or max(lengths) > MAX_SENSOR_ID_CHARS:
+        return False
+    text = "".join(ids)  # printable, ASCII and free of wildcards iff each id is
+    if "+" in text or "#" in text or not text.isprintable():
+        return False
+    return text.isascii() or all(map(valid_sensor_id, ids))
 
 
 # Level kinds of a compiled template.

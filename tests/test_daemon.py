@@ -23,11 +23,11 @@ from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5  # noqa: E402
 from mosquitto import free_port  # noqa: E402
 from streamlstm.checkpoint import load_checkpoint  # noqa: E402
 from streamlstm.config import ConfigError, load_config, parse_config  # noqa: E402
-from streamlstm.reading import Reading  # noqa: E402
 from streamlstm.detector.incidents import Incident  # noqa: E402
 from streamlstm.factory import build_detector  # noqa: E402
 from streamlstm.messages import event_message  # noqa: E402
 from streamlstm.mqtt_io import read_password  # noqa: E402
+from streamlstm.reading import Chunk, Reading, concat  # noqa: E402
 from streamlstm.reading_queue import ReadingQueue  # noqa: E402
 from streamlstm.runtime_config import expand_paths  # noqa: E402
 
@@ -439,10 +439,20 @@ def test_missing_config_file_exits_2(tmp_path):
 
 # ---------------------------------------------------------------------------------- pure logic
 
+def _chunk(*stamps, sensor="s"):
+    """A message's readings, one per timestamp (the value is the timestamp: easy to follow)."""
+    return Chunk([sensor] * len(stamps), np.array(stamps, dtype=np.float64),
+                 np.array(stamps, dtype=np.float64).reshape(-1, 1))
+
+
+def _stamps(entries):
+    return [t for c, _ in entries if c is not None for t in c.timestamps.tolist()]
+
+
 def test_queue_backpressure_keeps_order_and_blocks_instead_of_dropping():
     q = ReadingQueue(3)
     done = threading.Event()
-    entries = [(i, None) for i in range(10)]
+    entries = [(_chunk(i), None) for i in range(10)]
 
     def produce():
         assert q.put(entries)
@@ -453,29 +463,76 @@ def test_queue_backpressure_keeps_order_and_blocks_instead_of_dropping():
     got = []
     wait_for(lambda: len(q) == 3, 5, what="queue full")
     assert not done.is_set()  # blocked, not dropped
-    while len(got) < 10:
+    while len(_stamps(got)) < 10:
         got += q.get_batch(2, 0.0, 1.0)
     t.join(5)
-    assert done.is_set() and [r for r, _ in got] == list(range(10))
+    assert done.is_set() and _stamps(got) == list(range(10))
 
 
 def test_queue_batches_wait_for_max_delay_and_close_releases_producers():
     q = ReadingQueue(2)
     assert q.get_batch(10, 0.0, 0.05) == []
-    q.put([(1, None)])
-    late = threading.Timer(0.05, q.put, args=([(2, None)],))
+    q.put([(_chunk(1), None)])
+    late = threading.Timer(0.05, q.put, args=([(_chunk(2), None)],))
     late.start()
-    assert q.get_batch(2, 30.0, 1.0) == [(1, None), (2, None)]  # waited for the batch to fill
+    assert _stamps(q.get_batch(2, 30.0, 1.0)) == [1, 2]  # waited for the batch to fill
     late.join()
     result = []
-    q.put([(1, None), (2, None)])
-    t = threading.Thread(target=lambda: result.append(q.put([(3, None)])))
+    q.put([(_chunk(1), None), (_chunk(2), None)])
+    t = threading.Thread(target=lambda: result.append(q.put([(_chunk(3), None)])))
     t.start()
     time.sleep(0.1)
     q.close()
     t.join(5)
     assert result == [False]
-    assert q.get_batch(10, 1.0, 1.0) == [(1, None), (2, None)]  # a closed queue still drains
+    assert _stamps(q.get_batch(10, 1.0, 1.0)) == [1, 2]  # a closed queue still drains
+
+
+def test_queue_counts_readings_and_splits_a_message_at_the_batch_limit_keeping_its_ack_last():
+    """Capacity, depth and batch sizes count readings, as when an entry was one reading: a
+    100-reading message fills a 100-reading queue, and a batch limit inside a message splits it,
+    its token riding on the last part (acks leave after all of the message's readings)."""
+    q = ReadingQueue(100)
+    assert q.put([(_chunk(*range(60)), "m1"), (None, "m2"), (_chunk(*range(60, 100)), "m3")], block=False)
+    assert len(q) == 101 and not q.wait_for_room(0.0)  # the read gate stays shut: full
+    first = q.get_batch(50, 0.0, 0.0)
+    assert [(len(c), tok) for c, tok in first] == [(50, None)] and len(q) == 51
+    assert q.wait_for_room(0.0)
+    second = q.get_batch(50, 0.0, 0.0)
+    # the rest of m1 with its token, the marker (counts one), 39 readings of m3
+    assert [(None if c is None else len(c), tok) for c, tok in second] == [(10, "m1"), (None, "m2"), (39, None)]
+    third = q.get_batch(50, 0.0, 0.0)
+    assert [(len(c), tok) for c, tok in third] == [(1, "m3")] and len(q) == 0
+    assert _stamps(first + second + third) == list(range(100))
+    # a blocking producer puts a message bigger than the room left in parts, in order
+    q = ReadingQueue(4)
+    got = []
+    t = threading.Thread(target=lambda: q.put([(_chunk(*range(10)), "big")]))
+    t.start()
+    while len(_stamps(got)) < 10:
+        got += q.get_batch(3, 0.0, 1.0)
+    t.join(5)
+    assert _stamps(got) == list(range(10)) and [tok for _, tok in got if tok] == ["big"] and got[-1][1] == "big"
+
+
+def test_worker_joins_chunks_into_columns_of_several_widths():
+    a = Chunk(["x", "y"], np.array([1.0, 2.0]), np.array([[1.0], [2.0]]))
+    b = Chunk(["v"], np.array([3.0]), np.array([[4.0, 5.0]]))
+    cols = concat([a, b, a])
+    assert cols.sensors == ["x", "y", "v", "x", "y"] and cols.timestamps.tolist() == [1, 2, 3, 1, 2]
+    assert cols.width.tolist() == [1, 1, 2, 1, 1]
+    np.testing.assert_array_equal(cols.values, [[1, np.nan], [2, np.nan], [4, 5], [1, np.nan], [2, np.nan]])
+    one = concat([a, a])
+    assert one.values.shape == (4, 1) and one.width.tolist() == [1] * 4
+    # one-reading messages keep lists; joined alone, with arrays, or with another width
+    singles = [Chunk.one("p", 7.0, (1.5,)), Chunk.one("q", 8, (2,))]
+    cols = concat(singles)
+    assert cols.values.dtype == np.float64 and cols.values.tolist() == [[1.5], [2.0]] and cols.timestamps.tolist() == [7, 8]
+    cols = concat(singles + [a])
+    assert cols.sensors == ["p", "q", "x", "y"] and cols.values[:, 0].tolist() == [1.5, 2, 1, 2]
+    cols = concat(singles + [Chunk.one("v", 9.0, (4.0, 5.0))])
+    assert cols.width.tolist() == [1, 1, 2] and cols.values[2].tolist() == [4, 5]
+    assert Chunk.one("p", 7.0, (1.5,)) == Chunk(["p"], np.array([7.0]), np.array([[1.5]]))
 
 
 def test_anomaly_event_shows_the_incident_as_opened_even_if_closed_in_the_same_batch():

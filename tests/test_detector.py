@@ -3,12 +3,14 @@
 Tests that say "default" build the detector from the default config (as the daemon does);
 the others use a small model to stay fast.
 """
+import fnmatch
+
 import numpy as np
 
 from streamlstm.backend import make_backend
 from streamlstm.config import ModelConfig, parse_config
 from streamlstm.detector import Detector, DetectorSettings, GroupConfig
-from streamlstm.reading import Reading
+from streamlstm.reading import Chunk, Reading, concat
 from streamlstm.factory import build_detector
 from streamlstm.tools import replay
 
@@ -318,3 +320,75 @@ def test_batch_carries_width_step_seconds_and_backend():
     assert batch.width.tolist() == [1, 2]  # the group's model output; the unrouted reading's own
     assert set(batch.step_seconds) == {"default"} and batch.step_seconds["default"] >= 0
     assert batch.backends == {"default": "cpu"}
+
+
+def _routing_oracle(groups, max_sensors, batches):
+    """The routing rules reading by reading (as Detector.process applied them before it took
+    columns): first matching group; a group's width is its first reading's; new sensors count
+    against the cap in order of appearance. -> per batch [(reason, group)] and groups' sensors."""
+    width_of, members, out = {}, {}, []
+    for readings in batches:
+        known = sum(len(m) for m in members.values())
+        new, rows = [], []
+        for r in readings:
+            g = next(g for g in groups if fnmatch.fnmatchcase(r.sensor, g.match))
+            width_of.setdefault(g.name, len(r.values))
+            members.setdefault(g.name, [])
+            if len(r.values) != width_of[g.name]:
+                rows.append(("wrong_arity", None))
+                continue
+            if r.sensor not in members[g.name] and r.sensor not in new:
+                if known + len(new) >= max_sensors:
+                    rows.append(("sensor_cap", None))
+                    continue
+                new.append(r.sensor)
+            rows.append(("", g.name))
+        for r, (reason, group) in zip(readings, rows):
+            if group is not None and r.sensor not in members[group] and np.isfinite(r.values).all():
+                members[group].append(r.sensor)
+        out.append(rows)
+    return out, members
+
+
+def test_columns_route_once_per_sensor_as_reading_by_reading():
+    """Random batches of chunks (several widths, groups, new and known sensors, the cap, NaN):
+    reasons, groups and slot order are those of the reading-by-reading rules, each group's
+    results those of the same group fed its own readings, and Reading lists give the same."""
+    groups = [GroupConfig(name="temps", match="t*", model=SMALL_MODEL),
+              GroupConfig(name="vec", match="v*", model=SMALL_MODEL),
+              GroupConfig(name="default", match="*", model=SMALL_MODEL)]
+    rng = np.random.default_rng(11)
+    det, twin = small_detector(groups=groups, max_sensors=9), small_detector(groups=groups, max_sensors=9)
+    solo = {g.name: small_detector(groups=groups) for g in groups}
+    ids = ["t1", "t2", "t3", "v1", "v2", "h1", "h2", "h3", "t4", "h4", "v3", "t5"]
+    batches, t = [], 0.0
+    for b in range(6):
+        chunks = []
+        for _ in range(rng.integers(1, 8)):
+            n, w = int(rng.integers(1, 6)), int(rng.choice([1, 1, 2]))
+            sensors = [str(rng.choice(ids[:4 + 2 * b])) for _ in range(n)]
+            values = rng.normal(size=(n, w))
+            if rng.random() < 0.2:
+                values[rng.integers(n)] = np.nan
+            chunks.append(Chunk(sensors, t + np.arange(n, dtype=np.float64), values))
+            t += n
+        batches.append(chunks)
+    expected, members = _routing_oracle(groups, 9, [[r for c in chunks for r in c.readings()] for chunks in batches])
+    for chunks, rows in zip(batches, expected):
+        readings = [r for c in chunks for r in c.readings()]
+        batch = det.process(concat(chunks))
+        same = twin.process(readings)
+        assert [(r if r in ("wrong_arity", "sensor_cap") else "", g) for r, g in zip(batch.reason, batch.groups)] == \
+            [(r, g if r == "" else None) for r, g in rows]
+        assert same.reason == batch.reason and same.groups == batch.groups
+        np.testing.assert_array_equal(same.score, batch.score)
+        for name, solo_det in solo.items():
+            mine = [i for i, g in enumerate(batch.groups) if g == name]
+            if not mine:
+                continue
+            alone = solo_det.process([readings[i] for i in mine])
+            assert alone.reason == [batch.reason[i] for i in mine]
+            np.testing.assert_array_equal(alone.score, batch.score[mine])
+            np.testing.assert_array_equal(alone.prediction, batch.prediction[mine, :alone.prediction.shape[1]])
+    assert {name: d.names for name, d in det.active.items()} == {k: v for k, v in members.items() if k in det.active}
+    assert list(det.active) == list(twin.active)

@@ -5,6 +5,7 @@ import math
 import json
 import threading
 
+import numpy as np
 import pytest
 
 from streamlstm.payload import (
@@ -427,6 +428,39 @@ def test_large_batch(backend):
     res = make(backend, max_payload_bytes=len(payload)).parse("sensors/gw", payload)
     assert len(res.readings) == n and res.rejected == []
     assert res.readings[-1] == Reading(f"s{n - 1}", 1700000000.0, (n - 0.5,))
+
+
+def test_a_batch_message_is_one_chunk_of_arrays(backend):
+    """What the daemon queues: one chunk per message, sensors per row, float64 columns, payload
+    order; a rejected item sends the message item by item with the same readings for the rest."""
+    p = make(backend, format="batch", value_fields=["x", "y"], timestamp_field="ts", timestamp_unit="ms")
+    items = [{"sensor": "a", "x": 1, "y": 2.5, "ts": 1700000000500}, {"x": -0.0, "y": 2 ** 63, "ts": None},
+             {"sensor": "b", "x": 3, "y": 4, "ts": 1700000001000}]
+    res = p.parse("sensors/gw", json.dumps(items).encode())
+    assert res.rejected == [] and len(res.chunks) == 1
+    [chunk] = res.chunks
+    assert chunk.sensors == ["a", "gw", "b"] and len(chunk) == 3
+    assert chunk.timestamps.dtype == np.float64 and chunk.timestamps.tolist() == [1700000000.5, NOW, 1700000001.0]
+    assert chunk.values.dtype == np.float64 and chunk.values.tolist() == [[1.0, 2.5], [-0.0, 2.0 ** 63], [3.0, 4.0]]
+    assert res.readings[1] == Reading("gw", NOW, (-0.0, 9223372036854775808.0))
+    items[1]["y"] = True  # a bool is no number: the message goes item by item
+    res = p.parse("sensors/gw", json.dumps(items).encode())
+    assert reasons(res) == ["not_a_number"] and res.chunks[0].sensors == ["a", "b"]
+    assert res.chunks[0].values.tolist() == [[1.0, 2.5], [3.0, 4.0]]
+    # sensor maps of numbers and of vectors
+    m = make(backend, format="batch")
+    [chunk] = m.parse("sensors/gw", b'{"t1": 21.5, "t2": 3}').chunks
+    assert chunk.sensors == ["t1", "t2"] and chunk.values.tolist() == [[21.5], [3.0]]
+    v = make(backend, format="batch", value_fields=["a", "b"])
+    [chunk] = v.parse("sensors/gw", b'{"p1": [1, 2], "p2": [3.5, 4]}').chunks
+    assert chunk.values.shape == (2, 2) and chunk.timestamps.tolist() == [NOW, NOW]
+
+
+def test_sensor_name_renames_a_chunk_once_per_sensor(backend):
+    p = make(backend, format="batch", sensor_name="plant/{sensor}")
+    [chunk] = p.parse("sensors/gw", b'[{"sensor": "a", "value": 1}, {"sensor": "b", "value": 2},'
+                                    b' {"sensor": "a", "value": 3}]').chunks
+    assert chunk.sensors == ["plant/a", "plant/b", "plant/a"] and chunk.values[:, 0].tolist() == [1, 2, 3]
 
 
 # --- size, depth, topics --------------------------------------------------------------------

@@ -16,6 +16,7 @@ import math
 import random
 import re
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,8 @@ from streamlstm.payload import (
     PayloadParser,
     Reading,
     TopicTemplate,
+    _batch_columns,
+    _map_columns,
 )
 
 HAVE_ORJSON = importlib.util.find_spec("orjson") is not None
@@ -572,6 +575,105 @@ def test_template_strategy(pairs):
         except ValueError:
             continue
         assert t.match(topic) == reference_match(template, topic), (template, topic)
+
+
+# --- batches read column by column -----------------------------------------------------------
+
+# Inputs whose batch items the parser reads column by column (top-level fields, a numeric
+# timestamp); the oracle is its item-by-item path, which gives every item its own reason.
+COLUMN_SPECS = [
+    InputSpec("c/{sensor}", format="batch", value_fields=["x", "y"], timestamp_field="t", timestamp_unit="ms"),
+    InputSpec("d/{sensor}", timestamp_field="ts"),
+    InputSpec("m/{sensor}", format="batch"),
+    InputSpec("v/{sensor}", format="batch", value_fields=["a", "b"]),
+]
+COLUMN_PARSERS = [PayloadParser(COLUMN_SPECS, clock=lambda: NOW, json_backend=b)
+                  for b in (("json", "orjson") if HAVE_ORJSON else ("json",))]
+ODD_NUMBERS = [None, True, False, "1", [], {}, "nan"]
+EDGE_NUMBERS = [0, -0.0, 5e-324, 1e308, -1.7976931348623157e308, 2 ** 53 + 1, 2 ** 63, -(2 ** 63), 2 ** 64 - 1]
+ODD_STAMPS = [-1, -0.5, 4e13, 1e300, "2024-01-01", True, [], {}]
+ODD_IDS = ["", "a+b", "x#", "tab\t", "\x00", 5, True, [], "é" * 200, "a" * 300]
+GOOD_IDS = ["s1", "plant/boiler 1", "é", "温度", "a.b-c_d"]
+
+
+def _good_number(rng):
+    return rng.choice([rng.uniform(-1e6, 1e6), rng.randint(-10 ** 6, 10 ** 6), rng.choice(EDGE_NUMBERS)])
+
+
+def _column_item(rng, fields, ts_key, ts_scale, odd):
+    item = {f: _good_number(rng) for f in fields}
+    if ts_key and rng.random() < 0.8:
+        item[ts_key] = rng.choice([rng.uniform(0, 3e9) * ts_scale, rng.randint(0, 3 * 10 ** 9) * ts_scale, None])
+    if rng.random() < 0.5:
+        item["sensor"] = rng.choice(GOOD_IDS + [None])
+    if rng.random() < 0.2:
+        item["unit"] = "C"  # fields the input does not read are ignored
+    if odd:
+        what = rng.randrange(4)
+        if what == 0:
+            item[rng.choice(fields)] = rng.choice(ODD_NUMBERS)
+        elif what == 1:
+            del item[rng.choice(fields)]
+        elif what == 2 and ts_key:
+            item[ts_key] = rng.choice(ODD_STAMPS)
+        else:
+            item["sensor"] = rng.choice(ODD_IDS)
+    return item
+
+
+def _column_payloads(rng):
+    """(topic, payload, items are all good) for batch arrays and sensor maps."""
+    kind = rng.randrange(4)
+    n = rng.randint(1, 30)
+    odd = [rng.random() < 0.05 for _ in range(n)] if rng.random() < 0.5 else [False] * n
+    if kind == 0:
+        items = [_column_item(rng, ["x", "y"], "t", 1000, o) for o in odd]
+        if rng.random() < 0.05:
+            items.insert(rng.randrange(n + 1), rng.choice([1, "x", None, [1]]))
+            odd.append(True)
+        return "c/gw", items, not any(odd)
+    if kind == 1:
+        return "d/gw", [_column_item(rng, ["value"], "ts", 1, o) for o in odd], not any(odd)
+    ids = [rng.choice(GOOD_IDS) + str(i) if not o or rng.random() < 0.5 else rng.choice(ODD_IDS[:5]) for i, o in enumerate(odd)]
+    if kind == 2:
+        return "m/gw", {k: (_good_number(rng) if not o else rng.choice(ODD_NUMBERS + [[1.0]])) for k, o in zip(ids, odd)}, \
+            not any(odd)
+    return "v/gw", {k: ([_good_number(rng), _good_number(rng)] if not o else rng.choice([[1.0], [1, "2"], 3.0, [1, 2, 3]]))
+                    for k, o in zip(ids, odd)}, not any(odd)
+
+
+@planned("batch_columns_oracle", 300, 20)
+@given(seed=st.integers(0, 2 ** 64))
+def test_batch_columns_oracle(seed):
+    """A batch read column by column gives exactly what reading it item by item gives (readings,
+    their order, rejections with their details), one chunk per message, and the column path is
+    taken whenever every item is good."""
+    rng = random.Random(seed)
+    for _ in range(20):
+        topic, doc, all_good = _column_payloads(rng)
+        payload = json.dumps(doc).encode()
+        COUNT["batch_columns_oracle"] += 1
+        results = []
+        for parser in COLUMN_PARSERS:
+            res = check(topic, payload, parser)
+            spec, sensor = parser.match(topic)
+            c = parser._compiled[COLUMN_SPECS.index(spec)]
+            decoded = parser._loads(payload)
+            if isinstance(decoded, dict):
+                oracle = PayloadParser._map_items(decoded, c, NOW)
+            else:
+                oracle = PayloadParser._batch_items(decoded, sensor, c, NOW)
+            assert res == oracle, (payload, res, oracle)
+            assert len(res.chunks) <= 1 and all(
+                ch.timestamps.dtype == np.float64 and ch.values.dtype == np.float64 and
+                ch.values.shape == (len(ch.sensors), spec.arity) for ch in res.chunks), payload
+            if all_good:
+                fast = _map_columns(decoded, c, NOW) if isinstance(decoded, dict) else \
+                    _batch_columns(decoded, sensor, c, NOW)
+                assert fast is not None and ParseResult([fast], []) == res, payload
+                assert res.rejected == [] and len(res.chunks) == 1 and len(res.chunks[0]) == len(doc), payload
+            results.append(res)
+        assert all(r == results[0] for r in results), payload  # json and orjson agree
 
 
 # --- bookkeeping ----------------------------------------------------------------------------

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from operator import attrgetter
 
 import numpy as np
 
 from ..config import GroupConfig
-from ..reading import Reading
+from ..reading import Columns, Reading
+from ..reasons import CODE, CODES
 from ..spec import ModelSpec
 from .group import OK, BatchResult, GroupDetector
 
 __all__ = ["Detector", "DetectorBatch", "GroupConfig", "Outcome"]
 
 ROUTE_CACHE_FACTOR = 2  # the routing cache holds at most this many times max_sensors ids
+_NAME = attrgetter("name")
 
 
 @dataclasses.dataclass
@@ -39,12 +42,15 @@ class Outcome:
 
 @dataclasses.dataclass
 class DetectorBatch:
-    """Results of `Detector.process`, aligned with the input readings."""
+    """Results of `Detector.process`, aligned with the input readings (row i: reading i)."""
 
-    sensors: list
+    sensors: list  # the sensor id of each row
     timestamps: np.ndarray
-    groups: list
-    reason: list
+    names: list  # the distinct sensor ids of the batch, in order of first appearance
+    sensor_index: np.ndarray  # (B,) row -> position in `names`
+    group_names: list  # the groups the batch reached
+    group: np.ndarray  # (B,) row -> position in `group_names`, -1 where routing refused it
+    code: np.ndarray  # (B,) int8 reason code (reasons.CODES): 0 accepted
     score: np.ndarray
     alert: np.ndarray
     is_anomaly: np.ndarray
@@ -53,19 +59,47 @@ class DetectorBatch:
     residual: np.ndarray
     band: np.ndarray
     width: np.ndarray  # (B,) columns of prediction/residual/band that are the reading's own
-    values: list
+    values: np.ndarray  # (B, W) the readings' values, NaN-padded
+    value_width: np.ndarray  # (B,) columns of `values` that are the reading's own
     events: list  # (kind, Incident)
     resets: list  # (group, sensor, reason)
     losses: dict  # group -> mean training loss of this batch (NaN if none)
     step_seconds: dict  # group -> seconds its model backend took for this batch
     backends: dict  # group -> name of the backend that ran it ("cpu", "cuda", ...)
 
+    @property
+    def reason(self) -> list:
+        """Per row: "" accepted, else why it was rejected."""
+        return list(map(CODES.__getitem__, self.code.tolist()))
+
+    @property
+    def groups(self) -> list:
+        """Per row: the group's name, None where routing refused the reading."""
+        names = self.group_names + [None]  # -1 -> None
+        return list(map(names.__getitem__, self.group.tolist()))
+
+    def accepted(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each sensor with an accepted reading in this batch: its position in `names` and the
+        row of its last accepted reading, in the order of its first accepted reading."""
+        rows = np.flatnonzero(self.code == 0)
+        sensors = self.sensor_index[rows]
+        used, first = np.unique(sensors, return_index=True)
+        last_from_end = np.unique(sensors[::-1], return_index=True)[1]
+        order = np.argsort(first, kind="stable")
+        return used[order], rows[len(rows) - 1 - last_from_end][order]
+
+    def last_scores(self) -> dict:
+        """sensor -> score of its last accepted reading in this batch."""
+        sensors, rows = self.accepted()
+        return dict(zip(map(self.names.__getitem__, sensors.tolist()), self.score[rows].tolist()))
+
     def outcome(self, i: int) -> Outcome:
         width = int(self.width[i])
         return Outcome(
-            self.sensors[i], self.groups[i], float(self.timestamps[i]), list(self.values[i]),
-            self.prediction[i, :width].tolist(), self.residual[i, :width].tolist(), float(self.score[i]),
-            bool(self.is_anomaly[i]), float(self.threshold[i]), self.reason[i],
+            self.sensors[i], self.group_names[self.group[i]] if self.group[i] >= 0 else None, float(self.timestamps[i]),
+            self.values[i, :int(self.value_width[i])].tolist(), self.prediction[i, :width].tolist(),
+            self.residual[i, :width].tolist(), float(self.score[i]), bool(self.is_anomaly[i]),
+            float(self.threshold[i]), CODES[self.code[i]],
         )
 
     def __len__(self):
@@ -114,46 +148,41 @@ class Detector:
     # --- stepping ---------------------------------------------------------------------
 
     def process(self, readings) -> DetectorBatch:
-        """Readings with `.sensor`, `.timestamp`, `.values` (a sequence of floats)."""
-        B = len(readings)
-        sensors = [r.sensor for r in readings]
-        values = [tuple(r.values) for r in readings]
-        reason = [OK] * B
-        per_group: dict[str, list] = {}
-        known = self.sensor_count()
-        new_sensors = set()
-        # Routed once per sensor and width of this batch (a batch payload repeats its sensor):
-        # the group's name, or the reason the readings are refused.
-        decided: dict[tuple, tuple] = {}
-        for i, r in enumerate(readings):
-            key = (r.sensor, len(values[i]))
-            decision = decided.get(key)
-            if decision is None:
-                decision = decided[key] = self._route_reading(r.sensor, len(values[i]), known, new_sensors)
-            refused, name = decision
-            if refused:
-                reason[i] = refused
-            else:
-                per_group.setdefault(name, []).append(i)
+        """One micro-batch: `Columns` (the daemon's, reading.py), or readings with `.sensor`,
+        `.timestamp`, `.values` (a sequence of floats), converted to columns.
+
+        Python work per batch does not grow with its readings: sensors are routed once each
+        (a dict lookup for known ones), groups are split with array operations."""
+        cols = readings if isinstance(readings, Columns) else Columns.of(readings)
+        sensors, timestamps, values, value_width = cols
+        B = len(timestamps)
+        names = list(dict.fromkeys(sensors))
+        at = dict(zip(names, range(len(names))))
+        index = np.fromiter(map(at.__getitem__, sensors), np.int64, B)
+        pair_of_row, pair_name, pair_width = _pairs(index, value_width, len(names))
+        pair_code, pair_group, group_names = self._route_pairs(names, pair_name, pair_width)
+        code = pair_code[pair_of_row]
+        group = np.where(code == 0, pair_group[pair_of_row], -1)
 
         o_max = max([d.spec.output_size for d in self.active.values()] + [1])
         batch = DetectorBatch(
-            sensors, np.array([r.timestamp for r in readings], dtype=np.float64), [None] * B, reason,
-            np.zeros(B), np.zeros(B), np.zeros(B, bool), np.zeros(B), np.full((B, o_max), np.nan), np.full((B, o_max), np.nan),
-            np.full((B, o_max), np.nan), np.array([len(v) for v in values], dtype=np.int64), values, [], [], {}, {}, {},
+            sensors, timestamps, names, index, group_names, group, code, np.zeros(B), np.zeros(B), np.zeros(B, bool),
+            np.zeros(B), np.full((B, o_max), np.nan), np.full((B, o_max), np.nan), np.full((B, o_max), np.nan),
+            value_width.copy(), values, value_width, [], [], {}, {}, {},
         )
-        for name, idx in per_group.items():
+        routed = np.flatnonzero(group >= 0)
+        order, first = np.unique(group[routed], return_index=True)
+        for gi in order[np.argsort(first, kind="stable")].tolist():  # groups in order of first reading
+            name = group_names[gi]
             det = self.active[name]
-            idx = np.asarray(idx)
+            idx = routed[group[routed] == gi]
+            I, O = det.spec.input_size, det.spec.output_size
             spent = det.kernel_seconds
-            res: BatchResult = det.process([sensors[i] for i in idx], batch.timestamps[idx], [values[i] for i in idx])
+            res: BatchResult = det.process_indexed(names, index[idx], timestamps[idx], values[idx, :I])
             batch.step_seconds[name] = det.kernel_seconds - spent
             batch.backends[name] = self._backends[name].name  # after the step: auto may have moved it
-            O = det.spec.output_size
             batch.width[idx] = O
-            for j, i in enumerate(idx):
-                batch.groups[i] = name
-                batch.reason[i] = res.reason[j]
+            batch.code[idx] = np.fromiter(map(CODE.__getitem__, res.reason), np.int8, len(idx))
             batch.score[idx] = res.score
             batch.alert[idx] = res.alert
             batch.is_anomaly[idx] = res.is_anomaly
@@ -167,17 +196,35 @@ class Detector:
             batch.losses[name] = float(trained.mean()) if len(trained) else float("nan")
         return batch
 
-    def _route_reading(self, sensor: str, width: int, known: int, new_sensors: set) -> tuple:
-        """(refusal reason or "", group name) for a sensor's readings of this width."""
-        group = self.group_for(sensor)
-        det = self._detector(group, width)
-        if det is None:
-            return "wrong_arity", None
-        if sensor not in det.sensors and sensor not in new_sensors:
-            if known + len(new_sensors) >= self.max_sensors:
-                return "sensor_cap", None
-            new_sensors.add(sensor)
-        return OK, group.name
+    def _route_pairs(self, names: list, pair_name: np.ndarray, pair_width: np.ndarray):
+        """Each distinct (sensor, width) of a batch, in order of first appearance -> (reason
+        code, group position), and the groups' names. Known sensors cost a dict lookup; new
+        ones are routed by pattern and counted against max_sensors in order of appearance (the
+        sensor cap refuses the ones past it)."""
+        P = len(pair_name)
+        sensor_names = list(map(names.__getitem__, pair_name.tolist()))
+        routes = list(map(self._route.get, sensor_names))
+        if not all(routes):  # a new sensor (all(): no GroupConfig.__eq__ per sensor)
+            routes = [g if g is not None else self.group_for(s) for g, s in zip(routes, sensor_names)]
+        group_names = list(dict.fromkeys(map(_NAME, routes)))
+        at = dict(zip(group_names, range(len(group_names))))
+        pair_group = np.fromiter(map(at.__getitem__, map(_NAME, routes)), np.int64, P)
+        code = np.zeros(P, np.int8)
+        new = np.zeros(P, bool)
+        known = self.sensor_count()
+        for gi, name in enumerate(group_names):
+            mine = np.flatnonzero(pair_group == gi)
+            # A group's model takes the width of the first reading it ever gets.
+            det = self._detector(routes[mine[0]], int(pair_width[mine[0]]))
+            if det is None:
+                det = self.active[name]
+            ok = mine[pair_width[mine] == det.spec.input_size]
+            code[np.setdiff1d(mine, ok)] = CODE["wrong_arity"]
+            new[ok] = ~np.fromiter(map(det.sensors.__contains__, map(sensor_names.__getitem__, ok.tolist())),
+                                   bool, len(ok))
+        room = max(0, self.max_sensors - known)
+        code[np.flatnonzero(new)[room:]] = CODE["sensor_cap"]
+        return code, pair_group, group_names
 
     def learn_one(self, sensor: str, timestamp: float, values) -> Outcome:
         """Score one reading, then learn from it (river's score_one + learn_one in one step:
@@ -240,3 +287,20 @@ def _check_per_sensor_shapes(group: str, arrays: dict, meta: dict) -> None:
         if getattr(arr, "ndim", 0) < 1 or arr.shape[0] != n:
             raise ValueError(f"group {group!r}: array {key!r} has shape {getattr(arr, 'shape', None)}, "
                              f"expected {n} rows (one per sensor)")
+
+
+def _pairs(index: np.ndarray, width: np.ndarray, n_names: int):
+    """The distinct (sensor, width) pairs of a batch in order of first appearance: (row -> pair,
+    pair -> sensor position, pair -> width). One width for the whole batch (the usual case):
+    the pairs are the sensors."""
+    if len(width) == 0 or width.min() == width.max():
+        w = int(width[0]) if len(width) else 1
+        return index, np.arange(n_names), np.full(n_names, w, np.int64)
+    span = int(width.max()) + 1
+    key = index * span + width
+    keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    keys = keys[order]
+    return rank[inverse.reshape(-1)], keys // span, keys % span

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from itertools import repeat
 
 import numpy as np
 
@@ -167,14 +168,32 @@ class GroupDetector:
 
     def process(self, sensors, timestamps, values) -> BatchResult:
         """Score then learn a batch of readings (a sensor may appear several times)."""
-        B = len(sensors)
+        names = list(dict.fromkeys(sensors))
+        at = dict(zip(names, range(len(names))))
+        return self.process_indexed(names, np.fromiter(map(at.__getitem__, sensors), np.int64, len(sensors)),
+                                    timestamps, values)
+
+    def process_indexed(self, names: list, index: np.ndarray, timestamps, values) -> BatchResult:
+        """`process` with row i's sensor given as names[index[i]]: sensors are looked up once
+        each, not once per reading."""
+        B = len(index)
         values = np.asarray(values, dtype=np.float64).reshape(B, self.spec.input_size)
         timestamps = np.asarray(timestamps, dtype=np.float64)
         out = BatchResult.empty(B, self.spec.output_size)
         finite = np.all(np.isfinite(values), axis=1) & np.isfinite(timestamps)
         for i in np.flatnonzero(~finite):
             out.reason[i] = "non_finite"
-        slots = np.array([self.slot_of(s) if ok else -1 for s, ok in zip(sensors, finite)], dtype=np.int64)
+        slots = np.full(B, -1, np.int64)
+        present = index[finite]
+        if len(present):
+            used, first, inverse = np.unique(present, return_index=True, return_inverse=True)
+            used_names = list(map(names.__getitem__, used.tolist()))
+            slot = np.fromiter(map(self.sensors.get, used_names, repeat(-1)), np.int64, len(used))
+            new = np.flatnonzero(slot < 0)
+            # New sensors get their slots in the order of their first reading, as one by one.
+            for j in new[np.argsort(first[new], kind="stable")].tolist():
+                slot[j] = self.slot_of(used_names[j])
+            slots[finite] = slot[inverse.reshape(-1)]
         good = np.flatnonzero(finite)
         if self._use_compiled(slots[good]):
             self._compiled.process(slots, good, timestamps, values, out)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ..reading import Reading
+from ..reading import Columns
 
 # anomaly_score is the alert-suppressed score (what NAB thresholds); raw_score the per-reading one.
 ROW_FIELDS = ("timestamp", "value", "prediction", "residual", "anomaly_score", "is_anomaly", "raw_score")
@@ -99,8 +99,9 @@ def replay_series(detector, sensor: str, seconds, values, chunk: int = 512, prog
     events = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        readings = [Reading(sensor, float(seconds[i]), tuple(values[i])) for i in range(start, stop)]
-        batch = detector.process(readings)
+        block = np.asarray(values[start:stop], dtype=np.float64).reshape(stop - start, -1)
+        batch = detector.process(Columns([sensor] * (stop - start), np.asarray(seconds[start:stop], dtype=np.float64),
+                                         block, np.full(stop - start, block.shape[1], np.int64)))
         out["prediction"].append(batch.prediction)
         out["residual"].append(batch.residual)
         out["band"].append(batch.band)
