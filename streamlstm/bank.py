@@ -9,7 +9,8 @@ Arrays (S = slot capacity, R = weight rows: 1 for shared weights, S for per-sens
   pred (S, O)             the prediction made for each slot's next reading
   since_train (S,)        readings since the slot's last training window
   grad_sum (1, P), grad_count (1,)  shared weights only: the gradients trained since the last
-                          update, waiting for it (`apply_shared`); empty between batches
+                          update, waiting for it (`apply_shared`)
+  phase (1,)              shared weights only: rounds stepped since the last segment ended
 
 Growing the capacity copies the arrays into bigger ones (amortised doubling); the kernels
 take arrays as arguments, so nothing recompiles and no state is lost.
@@ -25,6 +26,7 @@ from .spec import ModelSpec, init_params
 
 STATE_ARRAYS = ("h", "c", "ring_x", "ring_h", "ring_c", "ring_pos", "ring_len", "pred", "since_train")
 WEIGHT_ARRAYS = ("theta", "m", "v", "adam_t")
+PENDING_ARRAYS = ("grad_sum", "grad_count", "phase")  # shared weights: the segment in progress
 
 
 @dataclasses.dataclass
@@ -58,6 +60,7 @@ class ModelBank:
             self.adam_t = np.zeros(1, dtype=np.int64)
             self.grad_sum = np.zeros_like(self.theta)
             self.grad_count = np.zeros(1, dtype=np.int64)
+            self.phase = np.zeros(1, dtype=np.int64)
         self._alloc_state(max(1, capacity))
         backend.attach(self)
 
@@ -149,6 +152,18 @@ class ModelBank:
         self.since_train[slots[fstatus == 1]] = 0  # the kernels reset h/c/ring; this is host-side
         return StepResult(before, self.pred[slots].copy(), loss, status)
 
+    def end_round(self):
+        """Shared weights: a round was stepped (with apply=False); the segment of train_every
+        rounds it completes ends with the update. Segments follow the rounds the group has
+        stepped since it began, not batch boundaries, so one sensor's state does not depend
+        on how its readings were batched."""
+        if not self.shared:
+            return
+        self.phase[0] += 1
+        if self.phase[0] >= self.spec.train_every:
+            self.apply_shared()
+            self.phase[0] = 0
+
     def apply_shared(self):
         """Shared weights: one update from the mean of the pending gradients (a no-op for
         per-sensor weights, which update with each window, or when nothing is pending)."""
@@ -171,6 +186,8 @@ class ModelBank:
         for name in WEIGHT_ARRAYS:
             value = getattr(self, name)
             arrays[name] = (value if self.shared else value[: self.size]).copy()
+        if self.shared:
+            arrays.update({name: getattr(self, name).copy() for name in PENDING_ARRAYS})
         return arrays
 
     def load_state_dict(self, arrays: dict, size: int):
@@ -190,7 +207,8 @@ class ModelBank:
                     raise ValueError(f"{name}: shape {src.shape} does not fit {(size,) + dst.shape[1:]}")
                 dst[:size] = src
         self.size = size
-        if self.shared:  # gradients of the replaced weights must not reach the restored ones
-            self.grad_sum[...] = 0
-            self.grad_count[...] = 0
+        if self.shared:
+            for name in PENDING_ARRAYS:  # absent in checkpoints of older versions: nothing pending
+                dst = getattr(self, name)
+                dst[...] = arrays[name] if name in arrays and arrays[name].shape == dst.shape else 0
         self.backend.attach(self)

@@ -177,3 +177,26 @@ def test_shared_weights_update_once_per_segment(engine):
     assert np.isfinite(res.loss).sum() == 9  # 3 sensors x 3 windows
     assert int(det.bank.adam_t[0]) - before == 3
     assert det.bank.grad_count[0] == 0  # nothing left pending after a batch
+
+
+@pytest.mark.parametrize("engine", ["numpy", "auto"])
+def test_one_sensor_does_not_depend_on_batching(engine):
+    """Segments follow the rounds a group has stepped, not batch boundaries (the sums of a
+    segment left unfinished wait in the bank and its checkpoint), so one sensor's scores and
+    state are the same whatever the batches its readings came in."""
+    rng = np.random.default_rng(4)
+    t = NOW - 5000.0 + np.arange(160.0)
+    rows = [("s0", t[i], [np.sin(t[i] / 9.5) + 0.1 * rng.standard_normal()]) for i in range(160)]
+    runs = []
+    for batch in (len(rows), 7, 13):
+        det = make(engine, True, train_every=5, threaded=True)
+        scores = np.concatenate([res.score for res, _ in run(det, rows, batch)])
+        runs.append((det, scores))
+    (first, scores), rest = runs[0], runs[1:]
+    assert first.bank.adam_t[0] > 10
+    for det, other in rest:
+        np.testing.assert_array_equal(other, scores)
+        a, _ = first.state_dict()
+        b, _ = det.state_dict()
+        for key in a:
+            np.testing.assert_array_equal(b[key], a[key], err_msg=key)

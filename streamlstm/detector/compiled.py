@@ -57,7 +57,7 @@ State = collections.namedtuple("State", [
     "se_start", "se_offset", "se_bins", "se_width", "se_pool", "se_periods",
     "in_above", "in_open", "in_cooldown", "in_peak", "in_peak_ts", "in_length",
     "theta", "m", "v", "adam_t", "h", "c", "ring_x", "ring_h", "ring_c", "ring_pos", "ring_len", "pred",
-    "since_train", "offs", "hp", "ip",
+    "since_train", "offs", "hp", "ip", "grad_sum", "grad_count",  # shared: the segment's pending sum
 ])
 
 # Scratch of one thread (allocated in Python: the kernels run without Numba's reference counting,
@@ -622,18 +622,19 @@ _PASS = dict(cache=True, nogil=True, _nrt=False)
 
 
 @njit(**_PASS)
-def walk(lo, hi, segment, r_from, r_to, update, order, first, nread, slots, progress, stop, ts, values, st, rw,
-         fp, ip, wk, ch):
+def walk(lo, hi, segment, phase, r_from, r_to, update, order, first, nread, slots, progress, stop, ts, values, st,
+         rw, fp, ip, wk, ch):
     """Sensors lo..hi (sorted by reading count, most first) walk their readings of rounds
-    r_from..r_to, segment by segment (segments end at multiples of `segment`), each from
-    progress[j]. Per-sensor weights: sensors are independent (one segment spans the batch).
-    Shared weights: the weights stay fixed within a segment and the windows' gradients add up
-    in wk.acc[ch]; with `update` the segment's update follows it here (one thread), otherwise
-    the driver makes it once all threads are through (`segment_update`).
+    r_from..r_to, segment by segment (a segment ends after round r when r + 1 + phase is a
+    multiple of `segment`), each from progress[j]. Per-sensor weights: sensors are independent
+    (one segment spans the batch). Shared weights: the weights stay fixed within a segment and
+    the windows' gradients add up in wk.acc[ch]; with `update` a segment's update follows it
+    here (one thread), otherwise the driver makes it once all threads are through
+    (`segment_update`); sums of a segment that goes on in the next batch stay pending.
 
     Stops at a reading whose seasonal storage must be allocated first (stop[j] marks it) and
     returns the start of that segment (to resume it from there), or r_to when done."""
-    r_end = min(r_from - r_from % segment + segment, r_to)
+    r_end = min(r_from - (r_from + phase) % segment + segment, r_to)
     while r_from < r_to:
         for j in range(lo, hi):
             if nread[j] <= r_from:
@@ -654,23 +655,33 @@ def walk(lo, hi, segment, r_from, r_to, update, order, first, nread, slots, prog
         for j in range(lo, hi):
             if stop[j]:
                 return r_from
-        if update:
-            _segment_update(st, wk.acc, wk.count, wk.mean)
+        if update and (r_end + phase) % segment == 0:
+            _segment_update(st, wk.acc, wk.count, wk.mean, True)
         r_from = r_end
         r_end = min(r_end + segment, r_to)
     return r_to
 
 
 @register_jitable
-def _segment_update(st, acc, count, mean):
-    """A shared-weight segment's one update: the mean of its windows' gradients; clears the sums."""
-    shared_update(st.theta, st.m, st.v, st.adam_t, st.hp, st.ip, acc, count, mean)
+def _segment_update(st, acc, count, mean, apply):
+    """The threads' gradient sums join the pending sum (st.grad_sum, which a segment left
+    unfinished by the previous batch started); with `apply` the segment is over: one update
+    from the mean, and nothing is pending."""
+    P = st.grad_sum.shape[1]
     for ch in range(count.shape[0]):
         if count[ch]:
-            acc[ch] = 0.0
+            for k in range(P):
+                st.grad_sum[0, k] += acc[ch, k]
+                acc[ch, k] = 0.0
+            st.grad_count[0] += count[ch]
             count[ch] = 0
+    if apply:
+        shared_update(st.theta, st.m, st.v, st.adam_t, st.hp, st.ip, st.grad_sum, st.grad_count, mean)
+        for k in range(P):
+            st.grad_sum[0, k] = 0.0
+        st.grad_count[0] = 0
 
 
 @njit(**_PASS)
-def segment_update(st, acc, count, mean):
-    _segment_update(st, acc, count, mean)
+def segment_update(st, acc, count, mean, apply):
+    _segment_update(st, acc, count, mean, apply)

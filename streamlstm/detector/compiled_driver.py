@@ -131,6 +131,8 @@ class CompiledPass:
             g.incidents.length,
             b.theta, b.m, b.v, b.adam_t, b.h, b.c, b.ring_x, b.ring_h, b.ring_c, b.ring_pos, b.ring_len, b.pred,
             b.since_train, b.offs, self.hp, self.model_ip,
+            *((b.grad_sum, b.grad_count) if g.shared else
+              (self._blank((1, 0), b.theta.dtype), self._blank((1,), np.int64))),
         )
 
     def _rows(self, B, out) -> k.Rows:
@@ -175,48 +177,58 @@ class CompiledPass:
     def _works(self, st, n: int):
         """n thread scratches; they share the gradient sums (one row each)."""
         if len(self._work) < n:
-            self._work = [k.make_work(st) for _ in range(n)]
             acc = np.zeros((n, st.theta.shape[1]), st.theta.dtype)
             count = np.zeros(n, np.int64)
-            self._work = [w._replace(acc=acc, count=count) for w in self._work]
+            if self._work:  # sums of a walk in progress move along
+                old = self._work[0]
+                acc[: len(old.count)] = old.acc
+                count[: len(old.count)] = old.count
+            self._work = [k.make_work(st)._replace(acc=acc, count=count) for _ in range(n)]
         return self._work[:n]
 
     def _walk(self, order, first, nread, sensor_slots, ts, values, rw):
         """Sensors walk their readings. Shared weights go segment by segment (one update after
-        each); a segment with enough readings is split across threads (disjoint sensor ranges
-        with about equal numbers of readings), the rest run in one kernel call."""
+        each; segments continue across batches, ModelBank.end_round); a segment with enough
+        readings is split across threads (disjoint sensor ranges with about equal numbers of
+        readings), the rest run in one kernel call."""
         g = self.group
         n = len(first)
         longest = int(nread.max())
         segment = g.spec.train_every if g.shared else longest
+        phase = int(g.bank.phase[0]) if g.shared else 0
         progress = np.zeros(n, np.int64)
         stop = np.zeros(n, np.bool_)
         r = 0
         while r < longest:
             st = self._state()
-            r_end = min(r - r % segment + segment, longest)
+            r_end = min(r - (r + phase) % segment + segment, longest)
             live = int(np.count_nonzero(nread > r))  # sensors with readings in this segment (a prefix)
             work = np.minimum(nread[:live], r_end) - progress[:live]
             if self.threads > 1 and live > 1 and work.sum() >= self.min_parallel_readings:
                 share = np.searchsorted(np.cumsum(work), np.arange(1, self.threads) * work.sum() / self.threads)
                 cuts = sorted(set([0, *np.minimum(share + 1, live).tolist(), live]))
                 works = self._works(st, len(cuts) - 1)
-                args = (segment, r, r_end, False, order, first, nread, sensor_slots, progress, stop, ts, values, st,
-                        rw, self.fp, self.ip)
+                args = (segment, phase, r, r_end, False, order, first, nread, sensor_slots, progress, stop, ts,
+                        values, st, rw, self.fp, self.ip)
                 self._map(k.walk, [(lo, hi) + args + (wk, ch)
                                    for ch, (lo, hi, wk) in enumerate(zip(cuts[:-1], cuts[1:], works))])
                 if not stop.any():
                     if g.shared:
-                        k.segment_update(st, works[0].acc, works[0].count, works[0].mean)
+                        w0 = works[0]
+                        k.segment_update(st, w0.acc, w0.count, w0.mean, (r_end + phase) % segment == 0)
                     r = r_end
             else:  # the remaining segments in one call (each narrower than this one)
                 wk = self._works(st, 1)[0]
-                r = k.walk(0, n, segment, r, longest, g.shared, order, first, nread, sensor_slots, progress, stop,
-                           ts, values, st, rw, self.fp, self.ip, wk, 0)
+                r = k.walk(0, n, segment, phase, r, longest, g.shared, order, first, nread, sensor_slots, progress,
+                           stop, ts, values, st, rw, self.fp, self.ip, wk, 0)
             if stop.any():
                 held = np.flatnonzero(stop)
                 self._allocate(sensor_slots[held], ts[order[first[held] + progress[held]]])
                 stop[:] = False
+        if g.shared:  # a segment the batch ended in the middle of: its sums stay pending
+            w0 = self._works(st, 1)[0]
+            k.segment_update(st, w0.acc, w0.count, w0.mean, False)
+            g.bank.phase[0] = (phase + longest) % segment
 
     def _map(self, kernel, calls):
         """Run kernel(*args) for each args; in threads when there are several (nogil kernels)."""
@@ -242,10 +254,10 @@ class CompiledPass:
         ts, values = np.zeros(1), np.zeros((1, g.spec.input_size))
         stop = np.zeros(1, np.bool_)
         zero = 0
-        k.walk(zero, zero, 1, zero, zero, False, none, none, none, none, none, stop, ts, values, st, rw, self.fp, self.ip,
-               wk, zero)
+        k.walk(zero, zero, 1, zero, zero, zero, False, none, none, none, none, none, stop, ts, values, st, rw, self.fp,
+               self.ip, wk, zero)
         if g.shared:
-            k.segment_update(st, wk.acc, np.zeros_like(wk.count), wk.mean)
+            k.segment_update(st, wk.acc, np.zeros_like(wk.count), wk.mean, False)
 
     def _allocate(self, slots, ts):
         """Seasonal storage that became due (SeasonalProfiles._enable, as the NumPy path)."""

@@ -200,15 +200,13 @@ class GroupDetector:
             return out
         # Shared weights learn in segments of train_every rounds: each sensor trains at most
         # once in a segment, against the weights the segment started with, and the segment's
-        # windows make one update (the mean gradient) at its end. Sensors are then independent
-        # within a segment, which is what lets the compiled pass walk them in parallel.
-        segment = self.spec.train_every
-        for r, positions in enumerate(rounds(slots[good])):
+        # windows make one update (the mean gradient) at its end (ModelBank.end_round).
+        # Sensors are then independent within a segment, which is what lets the compiled pass
+        # walk them in parallel.
+        for positions in rounds(slots[good]):
             idx = good[positions]
             self._round(idx, slots[idx], timestamps[idx], values[idx], out)
-            if (r + 1) % segment == 0:
-                self.bank.apply_shared()
-        self.bank.apply_shared()
+            self.bank.end_round()
         return out
 
     def _round(self, idx, slots, ts, values, out: BatchResult):
