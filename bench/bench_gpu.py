@@ -81,7 +81,7 @@ def ours_cells(args, B, H, phases, sync):
     import numpy as np
 
     from streamlstm.bank import ModelBank
-    from streamlstm.kernels_cuda import CudaBackend
+    from streamlstm.backend_cuda import CudaBackend
     from streamlstm.spec import ModelSpec
 
     spec = ModelSpec(input_size=args.input_size, hidden_size=H, window=args.window, dtype="float32")

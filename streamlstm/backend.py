@@ -1,4 +1,6 @@
-"""Backend selection: the one place that asks whether CUDA exists.
+"""Backend protocol, the host backends (numpy, cpu, auto) and backend selection: the one
+place that asks whether CUDA exists (the `cuda` backend itself is `backend_cuda`, imported
+only once a device is there).
 
 A backend steps a `ModelBank`: `train(bank, slots, x, scale) -> (loss, status)`,
 `forward(bank, slots, x) -> status` and `apply_shared(bank)`. Shared weights: `train` adds the
@@ -172,7 +174,7 @@ class AutoBackend:
             self._checked = True
             self._device = self._has_cuda()
         if self._device:
-            from .kernels_cuda import CudaBackend
+            from .backend_cuda import CudaBackend
 
             self.active.sync(bank)
             self.active = CudaBackend()
@@ -218,7 +220,7 @@ def make_backend(kind: str = "auto", parallel_min_batch: int = 64, cuda_min_batc
                 "backend.kind is 'cuda' but no CUDA device is usable (install the 'cuda' extra and a driver, "
                 "or set backend.kind to auto or cpu)"
             )
-        from .kernels_cuda import CudaBackend
+        from .backend_cuda import CudaBackend
 
         return CudaBackend()
     cpu = CpuBackend(parallel_min_batch=parallel_min_batch)

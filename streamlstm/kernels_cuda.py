@@ -1,9 +1,11 @@
-"""Numba CUDA kernels and the `cuda` backend: batched forward and training steps.
+"""Numba CUDA kernels: batched forward and training steps, and their launchers.
 
-Same math and semantics as `kernels_cpu` / `reference.step_*`; the scalar helpers
-(tanh_act, sigmoid_act, loss_grad, loss_value, clip_value, dropout_keep, adam_scale) are
-the very same `scalar_math` functions (generic-target overloads, which the CUDA typing
-context accepts), and the per-element expressions mirror `lstm_math` line by line.
+Kernels only: the `cuda` backend (device mirrors of a bank, scratch, uploads) is
+`backend_cuda`. Same semantics as `kernels_cpu` / `reference.step_*`; every per-element
+formula (activations, the LSTM cell of one unit and its gradient, loss, clipping scale,
+Adam/SGD of one parameter, dropout hash) is the very same `scalar_math` function the CPU
+kernels call (generic-target `register_jitable`/`overload`s, which the CUDA typing context
+accepts). What is written here is only which thread computes what, in which order.
 
 Thread mapping. Every per-sensor kernel gives each batch element a group of `tps`
 consecutive threads ("lanes", a power of two >= H, at most the block size); a block holds
@@ -22,12 +24,12 @@ a mean/norm kernel and one clipped Adam/SGD update kernel over the P parameters.
 weights: an update kernel per chunk, each sensor reducing its own gradient norm.
 
 Kernels use only scalars, arrays, `math.*`, thread indices and `syncthreads`; no
-exceptions, lists or allocations (the real compiler is stricter than the simulator).
+exceptions, lists or allocations (the real compiler is stricter than the simulator:
+tests/test_kernels_cuda.py compiles every kernel to PTX with the real NVVM).
 """
 from __future__ import annotations
 
 import math
-import weakref
 
 import numpy as np
 from numba import cuda
@@ -48,9 +50,9 @@ from .lstm_math import (
     IP_TARGET_LO,
     STATUS_RESET,
     STATUS_SKIPPED,
-    hyper_arrays,
 )
-from .scalar_math import adam_scale, clip_value, dropout_keep, loss_grad, loss_value, sigmoid_act, tanh_act
+from .scalar_math import adam_param, adam_step_size, clip_value, dropout_keep, grad_clip_scale, loss_grad, loss_value
+from .scalar_math import lstm_cell, lstm_cell_grad, sgd_param
 
 _NAN = float("nan")
 # Per-element training flags written by the BPTT kernel (tflag).
@@ -71,6 +73,14 @@ def threads_per_sensor(n: int, block_size: int) -> int:
     return max(1, min(p, block_size))
 
 
+def train_geometry(num_params: int, block_size: int) -> tuple[int, int, int]:
+    """(block, update lanes, norm blocks) `train_batch` launches with: the backend sizes the
+    scratch's per-lane and per-block partial sums (`part`, `norm_part`, `blockpart`) by it."""
+    block = min(block_size, TRAIN_MAX_BLOCK)
+    norm_blocks = max(1, min(MAX_NORM_BLOCKS, _blocks(num_params, block)))
+    return block, threads_per_sensor(num_params, block), norm_blocks
+
+
 # --- device helpers ------------------------------------------------------------------
 
 
@@ -86,23 +96,41 @@ def _lane_map(tps):
 def _update_elem(theta, m, v, row, k, gk, gscale, wd, opt, lr, b1, b2, step_size, eps):
     """One parameter of `lstm_math.apply_update` (after the norm clip scale is known)."""
     if opt == 0:
-        g = gk * gscale + wd * theta[row, k]
-        mk = b1 * m[row, k] + (1.0 - b1) * g
-        vk = b2 * v[row, k] + (1.0 - b2) * g * g
-        m[row, k] = mk
-        v[row, k] = vk
-        theta[row, k] -= step_size * mk / (math.sqrt(vk) + eps)
+        theta[row, k], m[row, k], v[row, k] = adam_param(
+            theta[row, k], m[row, k], v[row, k], gk, gscale, wd, b1, b2, step_size, eps
+        )
     else:
-        theta[row, k] -= lr * (gk * gscale + wd * theta[row, k])
+        theta[row, k] = sgd_param(theta[row, k], gk, gscale, wd, lr)
 
 
 @cuda.jit(device=True)
-def _clip_scale(norm2, clip):
-    scale = 1.0
-    norm = math.sqrt(norm2)
-    if clip > 0.0 and norm > clip:
-        scale = clip / norm
-    return scale
+def _unit_preacts(theta, row, wx, wh, bo, j, H, inp, mask, use_mask, h_prev):
+    """Gate pre-activations (i, f, g, o) of hidden unit j: bias + inp @ Wx + h_prev @ Wh on
+    unit j's four gate columns, summed in `lstm_math.gate_preacts`'s order (bias, inputs,
+    recurrence). inp (the layer input) is multiplied by `mask` where use_mask (dropout
+    between layers in training)."""
+    G = 4 * H
+    ai = theta[row, bo + j]
+    af = theta[row, bo + H + j]
+    ag = theta[row, bo + 2 * H + j]
+    ao = theta[row, bo + 3 * H + j]
+    for i in range(inp.shape[0]):
+        xi = inp[i]
+        if use_mask:
+            xi = xi * mask[i]
+        base = wx + i * G + j
+        ai += xi * theta[row, base]
+        af += xi * theta[row, base + H]
+        ag += xi * theta[row, base + 2 * H]
+        ao += xi * theta[row, base + 3 * H]
+    for k in range(H):
+        hk = h_prev[k]
+        base = wh + k * G + j
+        ai += hk * theta[row, base]
+        af += hk * theta[row, base + H]
+        ag += hk * theta[row, base + 2 * H]
+        ao += hk * theta[row, base + 3 * H]
+    return ai, af, ag, ao
 
 
 # --- forward -------------------------------------------------------------------------
@@ -114,7 +142,6 @@ def _forward_kernel(slots, shared, x, theta, offs, clip, h, c, ring_x, ring_h, r
     B = slots.shape[0]
     L = h.shape[1]
     H = h.shape[2]
-    G = 4 * H
     I = x.shape[1]
     O = pred.shape[1]
     T = ring_x.shape[1]
@@ -140,40 +167,16 @@ def _forward_kernel(slots, shared, x, theta, offs, clip, h, c, ring_x, ring_h, r
     cuda.syncthreads()
     for layer in range(L):
         if active:
-            n_in = I if layer == 0 else H
             wx = offs[layer, 0]
             wh = offs[layer, 1]
             bo = offs[layer, 2]
+            # layer input: the clipped reading (in the model dtype) or the new h below
+            inp = ring_x[s, pos] if layer == 0 else h[s, layer - 1]
             for j in range(lane, H, tps):
-                # Same summation order as lstm_math.gate_preacts: bias, inputs, recurrence.
-                ai = theta[row, bo + j]
-                af = theta[row, bo + H + j]
-                ag = theta[row, bo + 2 * H + j]
-                ao = theta[row, bo + 3 * H + j]
-                for i in range(n_in):
-                    if layer == 0:
-                        xi = ring_x[s, pos, i]  # the clipped reading, in the model dtype
-                    else:
-                        xi = h[s, layer - 1, i]
-                    base = wx + i * G + j
-                    ai += xi * theta[row, base]
-                    af += xi * theta[row, base + H]
-                    ag += xi * theta[row, base + 2 * H]
-                    ao += xi * theta[row, base + 3 * H]
-                for k in range(H):
-                    hk = h[s, layer, k]
-                    base = wh + k * G + j
-                    ai += hk * theta[row, base]
-                    af += hk * theta[row, base + H]
-                    ag += hk * theta[row, base + 2 * H]
-                    ao += hk * theta[row, base + 3 * H]
-                ig = sigmoid_act(ai)
-                fg = sigmoid_act(af)
-                gg = tanh_act(ag)
-                og = sigmoid_act(ao)
-                cn = fg * c[s, layer, j] + ig * gg
+                ai, af, ag, ao = _unit_preacts(theta, row, wx, wh, bo, j, H, inp, inp, False, h[s, layer])
+                _, _, _, _, cn, _, hn = lstm_cell(ai, af, ag, ao, c[s, layer, j])
                 c[s, layer, j] = cn  # c[s, layer, j] is only ever read by this lane
-                hnew[b, j] = og * tanh_act(cn)
+                hnew[b, j] = hn
                 if not math.isfinite(cn):
                     bad[b] = 1
         # Other lanes still read h[s, layer, :] above: publish the new h after a barrier.
@@ -298,47 +301,25 @@ def _window_grad_kernel(
     for t in range(T):
         for layer in range(L):
             if trained and t < n:
-                n_in = I if layer == 0 else H
                 wx = offs[layer, 0]
                 wh = offs[layer, 1]
                 bo = offs[layer, 2]
+                # layer input: x_t, or the layer below's h_t (dropout-masked in training)
+                below = layer - 1 if layer > 0 else 0
+                inp = xs[bl, t] if layer == 0 else hs[bl, t + 1, below]
+                masked = use_dropout and layer > 0
                 for j in range(lane, H, tps):
-                    ai = theta[row, bo + j]
-                    af = theta[row, bo + H + j]
-                    ag = theta[row, bo + 2 * H + j]
-                    ao = theta[row, bo + 3 * H + j]
-                    for i in range(n_in):
-                        if layer == 0:
-                            xi = xs[bl, t, i]
-                        elif use_dropout:
-                            xi = hs[bl, t + 1, layer - 1, i] * masks[bl, t, layer - 1, i]
-                        else:
-                            xi = hs[bl, t + 1, layer - 1, i]
-                        base = wx + i * G + j
-                        ai += xi * theta[row, base]
-                        af += xi * theta[row, base + H]
-                        ag += xi * theta[row, base + 2 * H]
-                        ao += xi * theta[row, base + 3 * H]
-                    for k in range(H):
-                        hk = hs[bl, t, layer, k]
-                        base = wh + k * G + j
-                        ai += hk * theta[row, base]
-                        af += hk * theta[row, base + H]
-                        ag += hk * theta[row, base + 2 * H]
-                        ao += hk * theta[row, base + 3 * H]
-                    ig = sigmoid_act(ai)
-                    fg = sigmoid_act(af)
-                    gg = tanh_act(ag)
-                    og = sigmoid_act(ao)
-                    cn = fg * cs[bl, t, layer, j] + ig * gg
-                    tc = tanh_act(cn)
+                    ai, af, ag, ao = _unit_preacts(
+                        theta, row, wx, wh, bo, j, H, inp, masks[bl, t, below], masked, hs[bl, t, layer]
+                    )
+                    ig, fg, gg, og, cn, tc, hn = lstm_cell(ai, af, ag, ao, cs[bl, t, layer, j])
                     acts[bl, t, layer, 0, j] = ig
                     acts[bl, t, layer, 1, j] = fg
                     acts[bl, t, layer, 2, j] = gg
                     acts[bl, t, layer, 3, j] = og
                     acts[bl, t, layer, 4, j] = tc
                     cs[bl, t + 1, layer, j] = cn
-                    hs[bl, t + 1, layer, j] = og * tc
+                    hs[bl, t + 1, layer, j] = hn
                     if use_dropout and layer < L - 1:
                         if dropout_keep(ip[IP_SEED], step, s, t, layer * H + j, keep):
                             masks[bl, t, layer, j] = inv_keep
@@ -398,18 +379,16 @@ def _window_grad_kernel(
             layer = L - 1 - ll
             if trained and t < n:
                 for j in range(lane, H, tps):
-                    ig = acts[bl, t, layer, 0, j]
-                    fg = acts[bl, t, layer, 1, j]
-                    gg = acts[bl, t, layer, 2, j]
-                    og = acts[bl, t, layer, 3, j]
-                    tc = acts[bl, t, layer, 4, j]
-                    dh = dab[bl, j] + dhn[bl, layer, j]
-                    dc = dh * og * (1.0 - tc * tc) + dcn[bl, layer, j]
-                    da[bl, j] = dc * gg * ig * (1.0 - ig)
-                    da[bl, H + j] = dc * cs[bl, t, layer, j] * fg * (1.0 - fg)
-                    da[bl, 2 * H + j] = dc * ig * (1.0 - gg * gg)
-                    da[bl, 3 * H + j] = dh * tc * og * (1.0 - og)
-                    dcn[bl, layer, j] = dc * fg
+                    d_i, d_f, d_g, d_o, dc_prev = lstm_cell_grad(
+                        dab[bl, j] + dhn[bl, layer, j], dcn[bl, layer, j], cs[bl, t, layer, j],
+                        acts[bl, t, layer, 0, j], acts[bl, t, layer, 1, j], acts[bl, t, layer, 2, j],
+                        acts[bl, t, layer, 3, j], acts[bl, t, layer, 4, j],
+                    )
+                    da[bl, j] = d_i
+                    da[bl, H + j] = d_f
+                    da[bl, 2 * H + j] = d_g
+                    da[bl, 3 * H + j] = d_o
+                    dcn[bl, layer, j] = dc_prev
             cuda.syncthreads()
             if trained and t < n:
                 n_in = I if layer == 0 else H
@@ -485,13 +464,11 @@ def _update_rows_kernel(lo, hi, slots, scale, theta, m, v, adam_t, hp, ip, grad,
             if lane == 0:
                 res[b, 1] = STATUS_SKIPPED
         else:
-            gscale = _clip_scale(norm2, hp[HP_GRAD_CLIP])
+            gscale = grad_clip_scale(norm2, hp[HP_GRAD_CLIP])
             lr = hp[HP_LR] * scale[b]
             b1 = hp[HP_BETA1]
             b2 = hp[HP_BETA2]
-            c1, c2 = adam_scale(step, b1, b2)
-            step_size = lr * c2 / c1
-            eps = hp[HP_EPS] * c2
+            step_size, eps = adam_step_size(step, lr, b1, b2, hp[HP_EPS])
             wd = hp[HP_WEIGHT_DECAY]
             opt = ip[IP_OPTIMIZER]
             for k in range(lane, P, tps):
@@ -570,13 +547,11 @@ def _shared_update_kernel(theta, m, v, adam_t, hp, ip, acc, count, blockpart):
     g = cuda.grid(1)
     stride = cuda.gridDim.x * cuda.blockDim.x
     step = count[1]
-    gscale = _clip_scale(norm2, hp[HP_GRAD_CLIP])
+    gscale = grad_clip_scale(norm2, hp[HP_GRAD_CLIP])
     lr = hp[HP_LR]
     b1 = hp[HP_BETA1]
     b2 = hp[HP_BETA2]
-    c1, c2 = adam_scale(step, b1, b2)
-    step_size = lr * c2 / c1
-    eps = hp[HP_EPS] * c2
+    step_size, eps = adam_step_size(step, lr, b1, b2, hp[HP_EPS])
     wd = hp[HP_WEIGHT_DECAY]
     opt = ip[IP_OPTIMIZER]
     for k in range(g, acc.shape[0], stride):
@@ -608,7 +583,8 @@ def train_batch(shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip, ring
 
     Shared weights: the batch's gradient sum and count are left in scratch.acc / count[0]
     (the caller adds them to the bank's pending sum; `apply_shared_batch` makes the update).
-    `scratch` is a `TrainScratch` sized for `chunk` elements (the caller's memory budget).
+    `scratch` is a `backend_cuda.TrainScratch` sized for `chunk` elements (the caller's memory
+    budget) with the `train_geometry` of this block size.
     """
     block_size = min(block_size, TRAIN_MAX_BLOCK)
     B = slots.shape[0]
@@ -678,227 +654,3 @@ def kernel_signatures(dtype) -> dict:
             a(f, 2), a(f, 2), a(f, 2), a(i64, 1), a(f64, 1), a(i64, 1), a(f, 1), a(i64, 1), a(f64, 1),
         ),
     }
-
-
-# --- backend ---------------------------------------------------------------------------
-
-# Bank arrays mirrored on the device. since_train stays on the host: the bank's step()
-# reads and writes it in Python.
-DEVICE_ARRAYS = ("theta", "m", "v", "adam_t", "h", "c", "ring_x", "ring_h", "ring_c", "ring_pos", "ring_len", "pred")
-
-
-def scratch_bytes_per_sensor(spec, update_tps: int) -> int:
-    T, I, L, H, O, P = spec.window, spec.input_size, spec.num_layers, spec.hidden_size, spec.output_size, spec.num_params
-    item = spec.np_dtype.itemsize
-    n_dt = P + T * I + T * O + T * L * 5 * H + 2 * (T + 1) * L * H + T * L * H + 4 * H + H + 2 * L * H
-    return n_dt * item + 8 * (T * O + update_tps) + 4 * 2
-
-
-class TrainScratch:
-    """Device scratch for training `chunk` elements at a time (plus the batch-sized flags)."""
-
-    def __init__(self, spec, chunk: int, batch: int, update_tps: int, norm_blocks: int, block_size: int):
-        dt = spec.np_dtype
-        T, I, L, H, O, P = spec.window, spec.input_size, spec.num_layers, spec.hidden_size, spec.output_size, spec.num_params
-        C = chunk
-        self.chunk, self.batch = C, batch
-        e = cuda.device_array
-        self.grad = e((C, P), dt)
-        self.xs = e((C, T, I), dt)
-        self.tg = e((C, T, O), dt)
-        self.lv = e((C, T, O), np.float64)
-        self.acts = e((C, T, L, 5, H), dt)
-        self.hs = e((C, T + 1, L, H), dt)
-        self.cs = e((C, T + 1, L, H), dt)
-        self.masks = e((C, T, L, H), dt)
-        self.da = e((C, 4 * H), dt)
-        self.dab = e((C, H), dt)
-        self.dhn = e((C, L, H), dt)
-        self.dcn = e((C, L, H), dt)
-        self.bad = e(C, np.int32)
-        self.part = e((C, update_tps), np.float64)
-        self.tflag = e(batch, np.int32)
-        self.acc = e(P, dt)
-        self.count = e(2, np.int64)
-        self.norm_part = e(norm_blocks * block_size, np.float64)
-        self.blockpart = e(norm_blocks, np.float64)
-
-
-class _DeviceBank:
-    """Device mirrors and per-bank buffers of one ModelBank."""
-
-    def __init__(self, bank):
-        self.arrays = {name: cuda.to_device(np.ascontiguousarray(getattr(bank, name))) for name in DEVICE_ARRAYS}
-        hp, ip = hyper_arrays(bank.spec)
-        self.hp = cuda.to_device(hp)
-        self.ip = cuda.to_device(ip)
-        self.offs = cuda.to_device(np.ascontiguousarray(bank.offs, dtype=np.int64))
-        self.bufs = {}
-        self.scratch = None
-        self.batch_key = None  # (slots, x) host arrays last uploaded, reused by forward()
-
-    def buf(self, name, n, tail, dtype):
-        """A device buffer of at least n rows (grown by doubling), viewed as [:n]."""
-        d = self.bufs.get(name)
-        if d is None or d.shape[0] < n:
-            cap = max(n, 2 * d.shape[0]) if d is not None else n
-            d = cuda.device_array((cap,) + tuple(tail), dtype)
-            self.bufs[name] = d
-        return d[:n]
-
-
-class CudaBackend:
-    """Numba CUDA kernels; the bank's NumPy arrays are the host copy (checkpoint format).
-
-    `block_size` threads per block (tests force small blocks so launches have several);
-    `scratch_bytes` bounds the training scratch (per-sensor gradients and BPTT caches):
-    larger batches are trained in chunks. `train_chunk` caps the chunk (tests).
-    """
-
-    name = "cuda"
-
-    def __init__(self, block_size: int = 128, scratch_bytes: int = 256 << 20, train_chunk: int | None = None):
-        if not 1 <= block_size <= 1024:
-            raise ValueError("block_size must be in [1, 1024]")  # capped per kernel at launch
-        self.block_size = int(block_size)
-        self.scratch_bytes = int(scratch_bytes)
-        self.train_chunk = train_chunk
-        self._dev = weakref.WeakKeyDictionary()
-
-    # --- host <-> device -----------------------------------------------------------
-
-    def attach(self, bank):
-        """Upload everything (after the bank (re)allocated or loaded a checkpoint)."""
-        self._dev[bank] = _DeviceBank(bank)
-
-    def sync(self, bank):
-        """Download everything into the bank's arrays (checkpoints, growth)."""
-        dev = self._dev.get(bank)
-        if dev is None:
-            return
-        for name, d in dev.arrays.items():
-            host = getattr(bank, name)
-            if host.shape != d.shape or not host.flags.c_contiguous:
-                raise RuntimeError(f"bank.{name} changed shape without attach(): {host.shape} vs {d.shape}")
-            d.copy_to_host(host)
-
-    def reset_slot(self, bank, slot):
-        """Apply a host-side slot reset (bank.reset_slot) to the device mirrors."""
-        dev = self._dev.get(bank)
-        if dev is None:
-            return
-        for name in ("h", "c", "ring_len", "ring_pos", "pred"):
-            if name in dev.arrays:
-                dev.arrays[name][slot : slot + 1].copy_to_device(np.ascontiguousarray(getattr(bank, name)[slot : slot + 1]))
-
-    def sync_pred(self, bank):
-        """Nothing to do: forward() already copied the batch's predictions into bank.pred
-        (only those B rows, together with the status: one transfer per step)."""
-
-    def _state(self, bank) -> _DeviceBank:
-        dev = self._dev.get(bank)
-        if dev is None:
-            raise RuntimeError("CudaBackend: bank was not attached")
-        return dev
-
-    def _upload_batch(self, dev, slots, x, dt, reuse: bool):
-        """Device copies of slots and x. bank.step() passes the same arrays to train() and
-        then forward(): forward reuses train's upload (and consumes it), nothing else does."""
-        key = dev.batch_key
-        dev.batch_key = None
-        if reuse and key is not None and key[0] is slots and key[1] is x:
-            return key[2], key[3]
-        B = len(slots)
-        d_slots = dev.buf("slots", B, (), np.int64)
-        d_slots.copy_to_device(np.ascontiguousarray(slots, dtype=np.int64))
-        xh = np.ascontiguousarray(x, dtype=dt).reshape(B, -1)
-        d_x = dev.buf("x", B, xh.shape[1:], dt)
-        d_x.copy_to_device(xh)
-        if not reuse:
-            # train(): remember for the forward() of the same step. Holding the arrays
-            # keeps their identity unique while cached.
-            dev.batch_key = (slots, x, d_slots, d_x)
-        return d_slots, d_x
-
-    def _scratch(self, dev, spec, B):
-        """Training scratch for B elements and the chunk size to train them with."""
-        block = min(self.block_size, TRAIN_MAX_BLOCK)
-        utps = threads_per_sensor(spec.num_params, block)
-        limit = max(1, self.scratch_bytes // scratch_bytes_per_sensor(spec, utps))
-        if self.train_chunk:
-            limit = min(limit, self.train_chunk)
-        chunk = min(B, limit)
-        sc = dev.scratch
-        if sc is None or sc.chunk < chunk or sc.batch < B:
-            # Grow geometrically (within the budget): micro-batch sizes wander, and
-            # reallocating at every new maximum would thrash device allocations.
-            old_chunk, old_batch = (sc.chunk, sc.batch) if sc is not None else (0, 0)
-            norm_blocks = max(1, min(MAX_NORM_BLOCKS, _blocks(spec.num_params, block)))
-            sc = TrainScratch(
-                spec, min(limit, max(chunk, 2 * old_chunk)), max(B, 2 * old_batch), utps, norm_blocks, block
-            )
-            dev.scratch = sc
-        return sc, chunk
-
-    # --- steps -------------------------------------------------------------------------
-
-    def train(self, bank, slots, x, scale):
-        B = len(slots)
-        if B == 0:
-            return np.full(0, np.nan), np.zeros(0, np.int64)
-        dev = self._state(bank)
-        spec = bank.spec
-        d_slots, d_x = self._upload_batch(dev, slots, x, spec.np_dtype, reuse=False)
-        d_scale = dev.buf("scale", B, (), np.float64)
-        d_scale.copy_to_device(np.ascontiguousarray(scale, dtype=np.float64))
-        res = dev.buf("train_res", B, (2,), np.float64)
-        sc, chunk = self._scratch(dev, spec, B)
-        a = dev.arrays
-        train_batch(
-            bool(bank.shared), d_slots, d_x, d_scale, a["theta"], a["m"], a["v"], a["adam_t"], dev.offs, dev.hp, dev.ip,
-            a["ring_x"], a["ring_h"], a["ring_c"], a["ring_pos"], a["ring_len"], res, sc, chunk, self.block_size,
-        )
-        if bank.shared:
-            # The host holds the pending sum (P numbers) between steps: the device scratch is
-            # per batch size and may be replaced before the update is due.
-            bank.grad_sum[0] += sc.acc.copy_to_host()
-            bank.grad_count[0] += int(sc.count.copy_to_host()[0])
-        host = res.copy_to_host()
-        return host[:, 0].copy(), host[:, 1].astype(np.int64)
-
-    def apply_shared(self, bank):
-        dev = self._state(bank)
-        sc, _ = self._scratch(dev, bank.spec, 1)
-        sc.acc.copy_to_device(np.ascontiguousarray(bank.grad_sum[0]))
-        sc.count.copy_to_device(np.array([bank.grad_count[0], 0], np.int64))
-        a = dev.arrays
-        apply_shared_batch(a["theta"], a["m"], a["v"], a["adam_t"], dev.hp, dev.ip, sc, self.block_size)
-        bank.grad_sum[0] = 0
-        bank.grad_count[0] = 0
-
-    def forward(self, bank, slots, x):
-        B = len(slots)
-        if B == 0:
-            return np.zeros(0, np.int64)
-        dev = self._state(bank)
-        spec = bank.spec
-        dt = spec.np_dtype
-        d_slots, d_x = self._upload_batch(dev, slots, x, dt, reuse=True)
-        out = dev.buf("fwd_out", B, (1 + spec.output_size,), dt)
-        hnew = dev.buf("hnew", B, (spec.hidden_size,), dt)
-        bad = dev.buf("bad", B, (), np.int32)
-        a = dev.arrays
-        forward_batch(
-            d_slots, bool(bank.shared), d_x, a["theta"], dev.offs, float(spec.input_clip), a["h"], a["c"],
-            a["ring_x"], a["ring_h"], a["ring_c"], a["ring_pos"], a["ring_len"], a["pred"], out, hnew, bad,
-            self.block_size,
-        )
-        host = out.copy_to_host()
-        status = host[:, 0].astype(np.int64)
-        idx = np.asarray(slots, dtype=np.int64)
-        bank.pred[idx] = host[:, 1:]
-        reset = idx[status == STATUS_RESET]
-        if len(reset):
-            # As reference.step_forward (bank.reset_slot): a reset slot restarts its cadence.
-            bank.since_train[reset] = 0
-        return status

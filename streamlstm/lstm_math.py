@@ -13,7 +13,8 @@ import math
 import numpy as np
 from numba.extending import register_jitable
 
-from .scalar_math import adam_scale, clip_value, dropout_keep, loss_grad, loss_value, sigmoid_act, tanh_act
+from .scalar_math import adam_param, adam_step_size, clip_value, dropout_keep, grad_clip_scale, loss_grad, loss_value
+from .scalar_math import lstm_cell, lstm_cell_grad, sgd_param
 
 HP_LR, HP_BETA1, HP_BETA2, HP_EPS, HP_GRAD_CLIP, HP_WEIGHT_DECAY, HP_DROPOUT, HP_HUBER_DELTA, HP_INPUT_CLIP = range(9)
 HP_SIZE = 9
@@ -76,14 +77,10 @@ def forward_one(theta_row, offs, x, clip, h, c, pred, gates, buf):
         Wh = theta_row[wh : wh + H * G].reshape((H, G))
         gate_preacts(Wx, buf, n_in, Wh, h[layer], theta_row[bo : bo + G], gates)
         for j in range(H):
-            ig = sigmoid_act(gates[j])
-            fg = sigmoid_act(gates[H + j])
-            gg = tanh_act(gates[2 * H + j])
-            og = sigmoid_act(gates[3 * H + j])
-            cn = fg * c[layer, j] + ig * gg
+            _, _, _, _, cn, _, hn = lstm_cell(gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j], c[layer, j])
             c[layer, j] = cn
-            h[layer, j] = og * tanh_act(cn)
-            buf[j] = h[layer, j]
+            h[layer, j] = hn
+            buf[j] = hn
         n_in = H
     O = pred.shape[0]
     wy = offs[L, 0]
@@ -219,20 +216,17 @@ def window_grad(
             Wh = theta_row[wh : wh + H * G].reshape((H, G))
             gate_preacts(Wx, inp, n_in, Wh, hs[t, layer], theta_row[bo : bo + G], gates)
             for j in range(H):
-                ig = sigmoid_act(gates[j])
-                fg = sigmoid_act(gates[H + j])
-                gg = tanh_act(gates[2 * H + j])
-                og = sigmoid_act(gates[3 * H + j])
-                cn = fg * cs[t, layer, j] + ig * gg
-                tc = tanh_act(cn)
+                ig, fg, gg, og, cn, tc, hn = lstm_cell(
+                    gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j], cs[t, layer, j]
+                )
                 acts[t, layer, 0, j] = ig
                 acts[t, layer, 1, j] = fg
                 acts[t, layer, 2, j] = gg
                 acts[t, layer, 3, j] = og
                 acts[t, layer, 4, j] = tc
                 cs[t + 1, layer, j] = cn
-                hs[t + 1, layer, j] = og * tc
-                inp[j] = og * tc
+                hs[t + 1, layer, j] = hn
+                inp[j] = hn
             if use_dropout and layer < L - 1:
                 for j in range(H):
                     if dropout_keep(ip[IP_SEED], step, s, t, layer * H + j, keep):
@@ -297,18 +291,11 @@ def window_grad(
             gWx = grad[wx : wx + n_in * G].reshape((n_in, G))
             gWh = grad[wh : wh + H * G].reshape((H, G))
             for j in range(H):
-                ig = acts[t, layer, 0, j]
-                fg = acts[t, layer, 1, j]
-                gg = acts[t, layer, 2, j]
-                og = acts[t, layer, 3, j]
-                tc = acts[t, layer, 4, j]
-                dh = d_above[j] + dh_next[layer, j]
-                dc = dh * og * (1.0 - tc * tc) + dc_next[layer, j]
-                da[j] = dc * gg * ig * (1.0 - ig)
-                da[H + j] = dc * cs[t, layer, j] * fg * (1.0 - fg)
-                da[2 * H + j] = dc * ig * (1.0 - gg * gg)
-                da[3 * H + j] = dh * tc * og * (1.0 - og)
-                dc_rec[j] = dc * fg
+                da[j], da[H + j], da[2 * H + j], da[3 * H + j], dc_rec[j] = lstm_cell_grad(
+                    d_above[j] + dh_next[layer, j], dc_next[layer, j], cs[t, layer, j],
+                    acts[t, layer, 0, j], acts[t, layer, 1, j], acts[t, layer, 2, j], acts[t, layer, 3, j],
+                    acts[t, layer, 4, j],
+                )
             for k in range(G):
                 grad[bo + k] += da[k]
             # layer input at step t: x_t for layer 0, else the lower layer's (masked) h
@@ -346,26 +333,17 @@ def apply_update(theta_row, m_row, v_row, grad, step, lr, hp, opt_code):
         norm2 += g * g
     if not math.isfinite(norm2):
         return False
-    scale = 1.0
-    clip = hp[HP_GRAD_CLIP]
-    norm = math.sqrt(norm2)
-    if clip > 0.0 and norm > clip:
-        scale = clip / norm
+    scale = grad_clip_scale(norm2, hp[HP_GRAD_CLIP])
     wd = hp[HP_WEIGHT_DECAY]
     if opt_code == 0:
         b1 = hp[HP_BETA1]
         b2 = hp[HP_BETA2]
-        c1, c2 = adam_scale(step, b1, b2)
-        step_size = lr * c2 / c1
-        eps = hp[HP_EPS] * c2
+        step_size, eps = adam_step_size(step, lr, b1, b2, hp[HP_EPS])
         for k in range(grad.shape[0]):
-            g = grad[k] * scale + wd * theta_row[k]
-            m = b1 * m_row[k] + (1.0 - b1) * g
-            v = b2 * v_row[k] + (1.0 - b2) * g * g
-            m_row[k] = m
-            v_row[k] = v
-            theta_row[k] -= step_size * m / (math.sqrt(v) + eps)
+            theta_row[k], m_row[k], v_row[k] = adam_param(
+                theta_row[k], m_row[k], v_row[k], grad[k], scale, wd, b1, b2, step_size, eps
+            )
     else:
         for k in range(grad.shape[0]):
-            theta_row[k] -= lr * (grad[k] * scale + wd * theta_row[k])
+            theta_row[k] = sgd_param(theta_row[k], grad[k], scale, wd, lr)
     return True

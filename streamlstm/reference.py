@@ -3,6 +3,9 @@
 This is the readable oracle every other backend is tested against, and the `numpy`
 backend. It works one sensor at a time; `step_*` functions at the bottom apply it to a
 batch with exactly the semantics of the kernels (see `bank.py` for the state arrays).
+It is written independently of the kernels, over whole vectors, with the formulas the
+kernels take from `scalar_math` one element at a time (`lstm_cell`, `lstm_cell_grad`,
+`adam_param` / `sgd_param`); tests/test_scalar_math.py holds the two together.
 """
 from __future__ import annotations
 

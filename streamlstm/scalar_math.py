@@ -1,9 +1,21 @@
-"""Scalar helpers shared by the CPU and CUDA kernels (and mirrored by the NumPy reference).
+"""Scalar math shared by the CPU and CUDA kernels (and mirrored by the NumPy reference).
 
-They are registered with Numba's generic target, so `kernels_cpu` and `kernels_cuda`
-compile the very same math. float32 uses a clamped rational tanh (Eigen's, about 1e-7
-relative error, below float32 rounding) because it is 1.3-1.6x faster than libm here;
-float64 keeps libm for tight parity with the reference.
+The one definition of every per-element formula the kernels run: the activations, the LSTM
+cell step of one hidden unit and its gradient, the loss and its derivative, the clipping
+scale and the Adam/SGD step of one parameter, the dropout hash. They are registered with
+Numba's generic target, so `lstm_math` (the CPU kernels and the compiled detector pass) and
+`kernels_cuda` compile the very same math; the CPU and CUDA code around them only decides
+which unit or parameter each loop (or GPU thread) handles. `reference` writes the same
+formulas as readable NumPy over whole vectors, and the tests hold the two together.
+
+Only scalars go in and out (tuples of scalars included): CUDA device code takes nothing else.
+Mixed precision is part of the formula: with float32 state, a Python float constant (1.0,
+beta1) makes an expression float64, exactly as the inline code it replaces did; callers store
+the results into arrays of the model dtype.
+
+float32 uses a clamped rational tanh (Eigen's, about 1e-7 relative error, below float32
+rounding) because it is 1.3-1.6x faster than libm here; float64 keeps libm for tight parity
+with the reference.
 """
 import math
 
@@ -144,7 +156,91 @@ def dropout_keep(seed, step, sensor, t, unit, keep_prob):
     return h < keep_prob * 4294967296.0
 
 
+# --- the LSTM cell, one hidden unit ---------------------------------------------------
+
+
+def _inlined_on_cpu(fn):
+    """register_jitable, but the CPU target inlines fn in Numba's IR (inline="always").
+
+    Left to LLVM, the cell step (five activations) stayed a call per unit in the CPU kernels'
+    assembly, a cost the hot loops did not have while the formulas were written inline.
+    CUDA gets the plain generic registration: numba-cuda cannot type generic overloads
+    inlined this way (NVIDIA/numba-cuda#624), and NVVM inlines device functions itself.
+    A target-specific overload takes precedence over the generic one on its target.
+    """
+    overload(fn, target="cpu", inline="always", strict=False)(lambda *args: fn)
+    return register_jitable(fn)
+
+
+@_inlined_on_cpu
+def lstm_cell(a_i, a_f, a_g, a_o, c_prev):
+    """One unit's step from its four gate pre-activations and its previous cell state.
+
+    Returns (i, f, g, o, c_new, tanh(c_new), h_new): the gates and tanh(c_new) are what the
+    backward pass needs (`lstm_cell_grad`); c_new and h_new are the new state.
+    """
+    i = sigmoid_act(a_i)
+    f = sigmoid_act(a_f)
+    g = tanh_act(a_g)
+    o = sigmoid_act(a_o)
+    c_new = f * c_prev + i * g
+    tc = tanh_act(c_new)
+    return i, f, g, o, c_new, tc, o * tc
+
+
+@_inlined_on_cpu
+def lstm_cell_grad(dh, dc_next, c_prev, i, f, g, o, tc):
+    """Backward of `lstm_cell` for one unit.
+
+    dh: d(loss)/d(h_new) (from above and from the next step), dc_next: d(loss)/d(c_new)
+    from the next step, c_prev and the cached (i, f, g, o, tanh(c_new)) of the forward.
+    Returns the gate pre-activation gradients (da_i, da_f, da_g, da_o) and d(loss)/d(c_prev).
+    """
+    dc = dh * o * (1.0 - tc * tc) + dc_next
+    return (
+        dc * g * i * (1.0 - i),
+        dc * c_prev * f * (1.0 - f),
+        dc * i * (1.0 - g * g),
+        dh * tc * o * (1.0 - o),
+        dc * f,
+    )
+
+
+# --- the optimizer, one parameter ------------------------------------------------------
+
+
 @register_jitable
-def adam_scale(step, beta1, beta2):
-    """Bias corrections (1 - beta1^t, sqrt(1 - beta2^t)) for Adam step t >= 1."""
-    return 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+def grad_clip_scale(norm2, clip):
+    """Factor that brings a gradient of squared norm norm2 down to norm `clip` (0: no clip)."""
+    scale = 1.0
+    norm = math.sqrt(norm2)
+    if clip > 0.0 and norm > clip:
+        scale = clip / norm
+    return scale
+
+
+@register_jitable
+def adam_step_size(step, lr, beta1, beta2, eps):
+    """(step size, epsilon) of Adam step t = step >= 1 with the bias corrections folded in:
+    lr * sqrt(1 - beta2^t) / (1 - beta1^t) and eps * sqrt(1 - beta2^t)."""
+    c1 = 1.0 - beta1**step
+    c2 = math.sqrt(1.0 - beta2**step)
+    return lr * c2 / c1, eps * c2
+
+
+@register_jitable
+def adam_param(theta, m, v, grad, gscale, wd, beta1, beta2, step_size, eps):
+    """Adam on one parameter: the clipped gradient plus L2 decay; returns (theta, m, v) new.
+
+    step_size and eps come from `adam_step_size` (once per update, not per parameter).
+    """
+    gk = grad * gscale + wd * theta
+    m_new = beta1 * m + (1.0 - beta1) * gk
+    v_new = beta2 * v + (1.0 - beta2) * gk * gk
+    return theta - step_size * m_new / (math.sqrt(v_new) + eps), m_new, v_new
+
+
+@register_jitable
+def sgd_param(theta, grad, gscale, wd, lr):
+    """Plain SGD on one parameter with the clipped gradient plus L2 decay; returns theta new."""
+    return theta - lr * (grad * gscale + wd * theta)

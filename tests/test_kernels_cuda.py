@@ -20,7 +20,8 @@ import pytest
 from streamlstm import kernels_cuda
 from streamlstm.backend import CpuBackend, NumpyBackend
 from streamlstm.bank import STATE_ARRAYS, WEIGHT_ARRAYS, ModelBank
-from streamlstm.kernels_cuda import CudaBackend, kernel_signatures
+from streamlstm.backend_cuda import CudaBackend
+from streamlstm.kernels_cuda import kernel_signatures
 from streamlstm.spec import ModelSpec
 
 TOL = {"float64": 1e-9, "float32": 1e-4}
@@ -130,6 +131,38 @@ def test_shared_update_deferred_over_steps(chunk):
     banks[0].apply_shared()
     for bank in banks[1:]:
         assert_same_state(banks[0], bank, TOL["float64"])
+
+
+# Launch shapes as on a GPU, not only the tiny blocks above: blocks of 32 / 64 threads, several
+# sensors per block (H = 5..7 -> 8 lanes each), several blocks per launch, the CPU kernels
+# (their prange driver: parallel_min_batch=4) beside the reference. With SGD and a norm clip
+# of 1e-2 every update is clipped (the window gradients' norms are 0.1-3 here), and the
+# clipped step is what SGD applies (Adam would mostly normalise the clip away).
+BLOCK_CASES = [
+    (
+        "f32-shared-L3-dropout-b32",
+        dict(dtype="float32", input_size=2, hidden_size=5, num_layers=3, window=3, dropout=0.2, weight_decay=0.01),
+        True, 32, 4,
+    ),
+    (
+        "f64-sensor-sgd-clipped-b64",
+        dict(dtype="float64", hidden_size=7, window=3, optimizer="sgd", learning_rate=0.5, grad_clip=1e-2),
+        False, 64, None,
+    ),
+    (
+        "f64-shared-L2-sgd-clipped-b32",
+        dict(dtype="float64", input_size=3, hidden_size=6, num_layers=2, window=3, optimizer="sgd", learning_rate=0.5,
+             grad_clip=1e-2, loss="mse", weight_decay=0.02),
+        True, 32, 5,
+    ),
+]
+
+
+@pytest.mark.parametrize("name,kw,shared,block,chunk", BLOCK_CASES, ids=[c[0] for c in BLOCK_CASES])
+def test_parity_with_reference_and_cpu_kernels_in_gpu_sized_blocks(name, kw, shared, block, chunk):
+    spec = ModelSpec(**{"train_every": 1, **kw})
+    backends = [NumpyBackend(), CpuBackend(parallel_min_batch=4), CudaBackend(block_size=block, train_chunk=chunk)]
+    drive(spec, shared, backends, slots_start=4, slots_end=12, steps=6, max_batch=12, seed=0)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "sensor"])
@@ -263,11 +296,13 @@ _NVVM_CHECK = textwrap.dedent(
                 with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
                     f.write(ptx)
                     f.flush()
-                    info = subprocess.run([ptxas, "-arch=sm_80", "-v", f.name, "-o", os.devnull],
-                                          capture_output=True, text=True, check=True).stderr
-                regs = max(int(r) for r in re.findall(r"Used (\\d+) registers", info))
-                spills = sum(int(b) for b in re.findall(r"(\\d+) bytes spill stores", info))
-                print("regs", dtype, name, regs, spills)
+                    # sm_80 PTX also assembles for Hopper (sm_90: H100 / H200), the GPUs we target
+                    for arch in ("sm_80", "sm_90"):
+                        info = subprocess.run([ptxas, "-arch=" + arch, "-v", f.name, "-o", os.devnull],
+                                              capture_output=True, text=True, check=True).stderr
+                        regs = max(int(r) for r in re.findall(r"Used (\\d+) registers", info))
+                        spills = sum(int(b) for b in re.findall(r"(\\d+) bytes spill stores", info))
+                        print("regs", arch, dtype, name, regs, spills)
     print("OK")
     """
 )
@@ -296,7 +331,7 @@ def test_kernels_compile_with_nvvm():
     caps = {"_forward_kernel": kernels_cuda.FORWARD_MAX_BLOCK, "_window_grad_kernel": kernels_cuda.TRAIN_MAX_BLOCK}
     for line in proc.stdout.splitlines():
         if line.startswith("regs "):
-            _, dtype, name, regs, spills = line.split()
+            _, arch, dtype, name, regs, spills = line.split()
             assert -(-int(regs) // 8) * 8 * caps[name] <= 65536, line
 
 
@@ -332,15 +367,11 @@ def test_gpu_non_finite_resets_state_and_skips_update(shared):
     test_non_finite_resets_state_and_skips_update(shared)
 
 
-def test_host_side_reset_reaches_the_device():
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "sensor"])
+def test_host_side_reset_reaches_the_device(shared):
     """A gap reset in the detector calls bank.reset_slot on the host: the device must follow."""
-    from streamlstm.backend import NumpyBackend
-    from streamlstm.bank import ModelBank
-    from streamlstm.kernels_cuda import CudaBackend
-    from streamlstm.spec import ModelSpec
-
     spec = ModelSpec(input_size=1, hidden_size=3, window=3, dtype="float64", train_every=1)
-    banks = [ModelBank(spec, True, NumpyBackend()), ModelBank(spec, True, CudaBackend(block_size=4))]
+    banks = [ModelBank(spec, shared, NumpyBackend()), ModelBank(spec, shared, CudaBackend(block_size=4))]
     rng = np.random.default_rng(0)
     for bank in banks:
         bank.add_slot()
@@ -353,5 +384,39 @@ def test_host_side_reset_reaches_the_device():
                 bank.reset_slot(1)
     for bank in banks:
         bank.backend.sync(bank)
-    for name in ("h", "c", "ring_len", "ring_pos", "pred", "theta"):
+    for name in ("h", "c", "ring_len", "ring_pos", "pred", "theta", "adam_t"):
         np.testing.assert_allclose(getattr(banks[1], name), getattr(banks[0], name), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+# Simulated GPU threads compute with NumPy scalars and do not inherit np.errstate.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_non_finite_weights_of_one_sensor_skip_its_update_and_reset_its_state():
+    """Per-sensor weights, a NaN in one sensor's head: its window loss is NaN and its update
+    skipped (weights and step count kept), its prediction is not finite so its state resets;
+    status 2 (the larger code) for it, the other sensors train and predict as usual. Same on
+    the reference, the CPU kernels and CUDA."""
+    spec = ModelSpec(dtype="float64", hidden_size=3, window=3, train_every=1)
+    backends = [NumpyBackend(), CpuBackend(parallel_min_batch=1 << 30), CudaBackend(block_size=32)]
+    banks = drive(spec, False, backends, slots_start=3, slots_end=3, steps=3, max_batch=3, seed=4)
+    wy = int(banks[0].offs[spec.num_layers, 0])
+    for bank in banks:
+        state = bank.state_dict()
+        state["theta"][1, wy] = np.nan
+        bank.load_state_dict(state, bank.size)
+    before = [bank.state_dict() for bank in banks]
+    x = np.array([[0.3], [0.1], [-0.2]])
+    with np.errstate(all="ignore"):
+        results = [bank.step([0, 1, 2], x) for bank in banks]
+    for r in results:
+        np.testing.assert_array_equal(r.status, [0, 2, 0])
+        assert np.isfinite(r.loss[[0, 2]]).all() and np.isnan(r.loss[1])
+        _close(results[0].next_prediction, r.next_prediction, 1e-9, "next_prediction")
+    for bank, old in zip(banks, before):
+        st = bank.state_dict()
+        assert st["adam_t"][1] == old["adam_t"][1] and st["adam_t"][0] == old["adam_t"][0] + 1
+        np.testing.assert_array_equal(st["theta"][1], old["theta"][1])
+        np.testing.assert_array_equal(st["m"][1], old["m"][1])
+        assert st["ring_len"][1] == 0 and not st["h"][1].any() and not st["pred"][1].any()
+        assert bank.since_train[1] == 0
+    for bank in banks[1:]:
+        assert_same_state(banks[0], bank, 1e-9)
