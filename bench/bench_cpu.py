@@ -8,7 +8,8 @@ Measures (ratios are torch time / our time, > 1 means we are faster):
   training step, T=32, Adam, H=64, one sensor    vs torch.nn.LSTM + Linear + backward + Adam
   batched forward, shared weights, B in {64, 1024, 10000}, H=64   vs LSTMCell on the batch,
       with GFLOP/s next to this machine's sgemm peak measured in the same run: the blocked
-      (GEMM-shaped, lstm_block) path the bank uses, and the per-sensor path it replaced
+      (GEMM-shaped, lstm_block) path the bank uses, and the per-sensor path it replaced;
+      the four timed round robin (medians and best rounds)
   JIT compile time of the batched forward kernels (serial + prange driver, float32), cold:
       the per-sensor kernels against the shared-weight block kernels, fresh processes
   per-sensor weights, B=10000, H=64              vs torch.baddbmm, with GB/s next to memory bandwidth
@@ -25,7 +26,12 @@ import sys
 import tempfile
 import time
 
-import numpy as np
+# The sgemm peak is measured with the kernels' thread count: OpenBLAS reads its own at import
+# (NUMBA_NUM_THREADS=1 python bench/bench_cpu.py gives one-core numbers throughout).
+if "NUMBA_NUM_THREADS" in os.environ:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ["NUMBA_NUM_THREADS"])
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,9 +42,8 @@ from streamlstm.lstm_math import hyper_arrays  # noqa: E402
 from streamlstm.spec import ModelSpec  # noqa: E402
 
 
-def call_time(fn, repeat=7, min_time=0.2, stat=np.median):
-    """Per-call time: `stat` (median by default: the VM is shared and noisy) over `repeat`
-    rounds of enough calls to last `min_time`."""
+def _calls_for(fn, min_time):
+    """How many calls of fn last about min_time (after one warm-up call)."""
     fn()
     n = 1
     while True:
@@ -49,14 +54,27 @@ def call_time(fn, repeat=7, min_time=0.2, stat=np.median):
         if dt > min_time / 4:
             break
         n *= 4
-    calls = max(1, int(n * min_time / 4 / dt * 4))
-    times = []
+    return max(1, int(n * min_time / 4 / dt * 4))
+
+
+def round_robin_times(fns, repeat=9, min_time=0.2):
+    """{name: per-call times of `repeat` rounds}; each round times every fn in turn, so that the
+    load other jobs put on the shared VM falls on all of them alike."""
+    calls = {name: _calls_for(fn, min_time) for name, fn in fns.items()}
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls)
-    return float(stat(times))
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls[name])
+    return times
+
+
+def call_time(fn, repeat=7, min_time=0.2, stat=np.median):
+    """Per-call time: `stat` (median by default: the VM is shared and noisy) over `repeat`
+    rounds of enough calls to last `min_time`."""
+    return float(stat(round_robin_times({"fn": fn}, repeat, min_time)["fn"]))
 
 
 def try_torch(threads):
@@ -138,10 +156,10 @@ def bench_train_single(torch, rng, out, H=64, T=32):
     out.append(row)
 
 
-def sgemm_peak(threads):
+def sgemm_product():
+    """One 2048^3 sgemm and its flop count (the peak the batched forward is measured against)."""
     a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(np.float32)
-    t = call_time(lambda: a @ a, repeat=5, min_time=0.5, stat=min)  # a peak: the best round
-    return 2 * 2048**3 / t / 1e9
+    return (lambda: a @ a), 2 * 2048**3
 
 
 def memory_bandwidth():
@@ -152,18 +170,21 @@ def memory_bandwidth():
 
 
 def bench_batched(torch, rng, out, threads, H=64):
-    peak = sgemm_peak(threads)
+    """Shared-weight batched forward: the blocked path (what the bank runs), the per-sensor path
+    it replaced, PyTorch's LSTMCell + Linear and an sgemm, timed round robin. Reports medians
+    over the rounds (ours_us, torch_us, ratio, pct_of_peak) and the best rounds (*_best)."""
+    gemm, gemm_flops = sgemm_product()
     for B in (64, 1024, 10000):
         bank = make_bank(H, B, True)
         args = forward_args(bank, B, rng)
         chunks = min(B, threads * 4) if threads > 1 else 0  # as CpuBackend for B >= 64
         flops = B * (2 * 4 * H * (1 + H) + 2 * H)
-        paths = {
+        fns = {
             "blocked": lambda: kernels_cpu.forward_shared(*args, chunks),
             "per-sensor (before)": (lambda: kernels_cpu.forward_batch_parallel(*args, chunks)) if chunks else (
                 lambda: kernels_cpu.forward_batch_serial(*args)),
+            "sgemm": gemm,
         }
-        torch_us = None
         if torch:
             cell, head = torch.nn.LSTMCell(1, H), torch.nn.Linear(H, 1)
             xt, h, c = torch.randn(B, 1), torch.zeros(B, H), torch.zeros(B, H)
@@ -173,14 +194,20 @@ def bench_batched(torch, rng, out, threads, H=64):
                     h2, c2 = cell(xt, (h, c))
                     head(h2)
 
-            torch_us = call_time(torch_step, repeat=9) * 1e6
-        for path, fn in paths.items():
-            ours = call_time(fn, repeat=9)
-            row = dict(case=f"batched forward, shared, {path}", H=H, B=B, ours_us=ours * 1e6,
-                       gflops=flops / ours / 1e9, sgemm_peak_gflops=peak, pct_of_peak=100 * flops / ours / 1e9 / peak)
-            if torch_us is not None:
-                row["torch_us"] = torch_us
-                row["ratio"] = torch_us / row["ours_us"]
+            fns["torch"] = torch_step
+        times = round_robin_times(fns, repeat=9)
+        med = {name: float(np.median(t)) for name, t in times.items()}
+        best = {name: float(np.min(t)) for name, t in times.items()}
+        for path in ("blocked", "per-sensor (before)"):
+            row = dict(case=f"batched forward, shared, {path}", H=H, B=B, ours_us=med[path] * 1e6,
+                       ours_best_us=best[path] * 1e6, gflops=flops / med[path] / 1e9,
+                       sgemm_peak_gflops=gemm_flops / med["sgemm"] / 1e9,
+                       sgemm_peak_best_gflops=gemm_flops / best["sgemm"] / 1e9,
+                       pct_of_peak=100 * flops / med[path] / (gemm_flops / med["sgemm"]),
+                       pct_of_peak_best=100 * flops / best[path] / (gemm_flops / best["sgemm"]))
+            if torch:
+                row.update(torch_us=med["torch"] * 1e6, torch_best_us=best["torch"] * 1e6,
+                           ratio=med["torch"] / med[path], ratio_best=best["torch"] / best[path])
             out.append(row)
 
 

@@ -2,25 +2,26 @@
 
 With shared weights every sensor multiplies its [input, h] by the same (I + H, 4H) matrix.
 `lstm_math.forward_one` does that one sensor at a time (a matrix-vector product: each weight
-is loaded from L2 for one multiply-add). Here a block of n sensors (`gates.shape[0]`,
-`block_rows`: 16 at H=64 float32) takes a (n, 4H) gate tile: four weight rows are loaded once and serve every sensor
-of the block while they sit in L1, so the loop is bound by arithmetic, not by weight loads.
+comes from L2 for one multiply-add). Here a block of n sensors (`block_rows`: 16 at H=64
+float32) fills an (n, 4H) gate tile: four weight rows at a time are loaded once and serve every
+sensor of the block from L1, so the loop is bound by arithmetic, not by weight loads.
 
-Same numbers as `forward_one`, bit for bit: each gate pre-activation is summed in the same
-order (bias, then input rows, then hidden rows, no fused multiply-add), the activations are
-the same `scalar_math` functions and the head sums h in the same order. So the per-sensor
-path and this one can alternate freely, and the per-sensor path stays the oracle.
+The same numbers as `forward_one`, bit for bit: each pre-activation is summed in the same
+order (bias, input rows, hidden rows; no fused multiply-add), the activations are the same
+`scalar_math` functions, the head sums h in the same order. The per-sensor path and this one
+can alternate (tests assert equality), and the per-sensor path stays the oracle.
 
-Every function is `register_jitable` and allocation-free (scratch comes in): callable from
-kernels compiled with `_nrt=False`. Speed needs the caller compiled with
-`error_model="numpy"`: under Numba's default ("python") the float32 tanh's division carries
-a divide-by-zero check whose exception exit keeps the activation loops scalar (9 ns against
-1.8 ns per activation measured). Its denominator is >= 0.0049 (or NaN), so the check never
-fires and the results are the same under either model.
+Every function is `register_jitable` and allocation-free (scratch comes in), so kernels compiled
+with `_nrt=False` can call it. Speed needs the calling kernel compiled with
+`error_model="numpy"`: under Numba's default ("python") the float32 tanh's division carries a
+divide-by-zero check whose exception exit keeps the activation loops scalar (measured 9 ns per
+activation against 0.8-1.8 ns vectorised). Nothing here can divide by zero (tanh's denominator
+is >= 0.0049 or NaN, the float64 sigmoid's >= 1, the ring length >= 1), so the results are the
+same under either model.
 
 Scratch (dtype of the state):
-  gates (n, 4H)             the block's gate tile (also the head's accumulator)
-  z     (n, max(I, H) + H)  per sensor [layer input, h of the layer]: the GEMM's left operand
+  gates (n, 4H)             the block's gate tile
+  z     (n, max(I, H) + H)  per sensor [layer input, h of the layer]: the tile's left operand
 """
 from numba.extending import register_jitable
 
@@ -32,6 +33,7 @@ TILE_BYTES = 16384  # the gate tile's share of a 32 KiB L1: the weight rows and 
 
 @register_jitable
 def copy_row(dst, src):
+    """dst[:] = src as a loop (array assignment may go through a temporary: the allocator)."""
     for j in range(src.shape[0]):
         dst[j] = src[j]
 
@@ -100,25 +102,35 @@ def block_cell(gates, n, slots, layer, h, c, z):
 
 
 @register_jitable
-def block_head(theta_row, offs, slots, n, H, z, pred, acc):
-    """pred[slots[r]] = by + h_top @ Wy with h_top in z[r, :H], summed in forward_one's order
-    (acc: scratch, at least (n, O))."""
+def block_head(theta_row, offs, slots, n, H, z, pred):
+    """pred[slots[r]] = by + h_top @ Wy with h_top in z[r, :H], summed in forward_one's order;
+    four sensors side by side, so that four independent sums share each weight."""
     L = offs.shape[0] - 1
     O = pred.shape[1]
     wy = offs[L, 0]
     by = offs[L, 1]
     Wy = theta_row[wy : wy + H * O].reshape((H, O))
-    for r in range(n):
-        for o in range(O):
-            acc[r, o] = theta_row[by + o]
-    for j in range(H):  # one row of Wy across the block: n independent sums
-        for r in range(n):
-            hj = z[r, j]
-            for o in range(O):
-                acc[r, o] += hj * Wy[j, o]
-    for r in range(n):
-        for o in range(O):
-            pred[slots[r], o] = acc[r, o]
+    for o in range(O):
+        r = 0
+        while r + 4 <= n:
+            a0 = a1 = a2 = a3 = theta_row[by + o]
+            for j in range(H):
+                w = Wy[j, o]
+                a0 += z[r, j] * w
+                a1 += z[r + 1, j] * w
+                a2 += z[r + 2, j] * w
+                a3 += z[r + 3, j] * w
+            pred[slots[r], o] = a0
+            pred[slots[r + 1], o] = a1
+            pred[slots[r + 2], o] = a2
+            pred[slots[r + 3], o] = a3
+            r += 4
+        while r < n:
+            a = theta_row[by + o]
+            for j in range(H):
+                a += z[r, j] * Wy[j, o]
+            pred[slots[r], o] = a
+            r += 1
 
 
 @register_jitable
@@ -176,7 +188,7 @@ def push_and_forward_block(
         block_gates(theta_row[wx : wx + K * G].reshape((K, G)), theta_row[bo : bo + G], z, n, gates)
         block_cell(gates, n, slots, layer, h, c, z)
         n_in = H
-    block_head(theta_row, offs, slots, n, H, z, pred, gates)
+    block_head(theta_row, offs, slots, n, H, z, pred)
     check_block(slots, h, c, ring_len, ring_pos, pred, status)
 
 
