@@ -124,7 +124,9 @@ class CpuBackend(_HostBackend):
             bank.ring_x, bank.ring_h, bank.ring_c, bank.ring_pos, bank.ring_len, bank.pred, status,
         )
         chunks = self._chunks(B)
-        if chunks:
+        if bank.shared:  # one weight row: blocks of sensors per pass over it (GEMM-shaped, lstm_block)
+            self._k.forward_shared(*args, chunks)
+        elif chunks:
             self._k.forward_batch_parallel(*args, chunks)
         else:
             self._k.forward_batch_serial(*args)

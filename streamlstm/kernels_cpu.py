@@ -5,16 +5,22 @@ Each kernel exists as a serial and a `prange` driver around the same per-sensor 
 allocated once per chunk, not per sensor; the serial driver is one chunk. A slot must
 appear at most once per call (the bank guarantees it), so chunks never race.
 
+With shared weights the forward goes through `lstm_block` instead: blocks of sensors per
+pass over the one weight row (GEMM-shaped), with the per-sensor path's numbers bit for bit.
+
 The per-chunk workers are jitted functions of their own, so the `prange` drivers only
 compile a thin loop around them (a parallel compile of the whole body cost seconds more).
 
 All kernels: cache=True (fill the cache with `streamlstm warmup`), nogil=True so the
 MQTT and HTTP threads keep running, no fastmath (inputs may be extreme; NaN checks matter).
+The shared forward's worker adds error_model="numpy" (no divide-by-zero exception checks: they
+keep the activation loops scalar; its divisions cannot divide by zero, see lstm_block).
 """
 import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
 
+from .lstm_block import block_rows, block_scratch_width, push_and_forward_block
 from .lstm_math import (
     HP_LR,
     IP_OPTIMIZER,
@@ -49,16 +55,73 @@ def forward_batch_serial(slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_
     _forward_range(B - B, B, slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status)
 
 
+@register_jitable
+def chunk_range(ch, B, n_chunks):
+    """Elements lo..hi of chunk ch: int64 like the serial drivers' bounds (prange indices are
+    unsigned), so the drivers share one compiled worker."""
+    chunk = np.int64(ch)
+    return chunk * B // n_chunks, (chunk + 1) * B // n_chunks
+
+
 @njit(parallel=True, **_JIT)
 def forward_batch_parallel(
     slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, n_chunks
 ):
     B = slots.shape[0]
     for ch in prange(n_chunks):
-        # int64 like the serial driver (prange indices are unsigned): one compiled worker
-        lo = np.int64(ch) * B // n_chunks
-        hi = (np.int64(ch) + 1) * B // n_chunks
+        lo, hi = chunk_range(ch, B, n_chunks)
         _forward_range(lo, hi, slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status)
+
+
+# Shared weights: blocks of sensors per pass over the one weight row (lstm_block). The range
+# worker is the serial driver itself (one compile less). It compiles without Numba's allocator
+# (_nrt=False; scratch comes from Python), which keeps lstm_block usable from the detector
+# pass's kernels, and with error_model="numpy", which lets the activations vectorise.
+@njit(cache=True, nogil=True, error_model="numpy", _nrt=False)
+def forward_shared_serial(
+    lo, hi, slots, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, gates, z
+):
+    """Elements lo..hi in blocks of gates.shape[0] sensors (gates, z: lstm_block's scratch)."""
+    block = gates.shape[0]
+    for b0 in range(lo, hi, block):
+        b1 = min(b0 + block, hi)
+        push_and_forward_block(
+            slots[b0:b1], x[b0:b1], theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred,
+            status[b0:b1], gates, z,
+        )
+
+
+@njit(parallel=True, **_JIT)
+def forward_shared_parallel(
+    slots, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, gates, z
+):
+    """One chunk per scratch (gates, z: (n_chunks, ...))."""
+    n_chunks = gates.shape[0]
+    for ch in prange(n_chunks):
+        lo, hi = chunk_range(ch, slots.shape[0], n_chunks)
+        forward_shared_serial(
+            lo, hi, slots, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status,
+            gates[ch], z[ch],
+        )
+
+
+def forward_shared(
+    slots, wrows, x, theta, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, n_chunks=0,
+    block=None,
+):
+    """Shared weights with the per-sensor drivers' arguments (wrows: all row 0, unused): the
+    serial driver for n_chunks == 0, else `prange` over n_chunks; `block` sensors per tile
+    (default `lstm_block.block_rows`)."""
+    H = h.shape[2]
+    block = block or block_rows(H, h.itemsize)
+    scratches = max(n_chunks, 1)
+    gates = np.empty((scratches, block, 4 * H), h.dtype)
+    z = np.empty((scratches, block, block_scratch_width(x.shape[1], H)), h.dtype)
+    args = (slots, x, theta[0], offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status)
+    if n_chunks:
+        forward_shared_parallel(*args, gates, z)
+    else:
+        forward_shared_serial(0, len(slots), *args, gates[0], z[0])
 
 
 # --- training ------------------------------------------------------------------------
@@ -174,12 +237,10 @@ def train_batch_parallel(
     part = np.zeros((n_chunks, theta.shape[1] if shared else 0), dtype=theta.dtype)
     part_count = np.zeros(n_chunks, dtype=np.int64)
     for ch in prange(n_chunks):
-        chunk = np.int64(ch)
-        lo = chunk * B // n_chunks
-        hi = (chunk + 1) * B // n_chunks
+        lo, hi = chunk_range(ch, B, n_chunks)
         _train_range(
             lo, hi, shared, slots, x, scale, theta, m, v, adam_t, offs, hp, ip,
-            ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, part, part_count, chunk,
+            ring_x, ring_h, ring_c, ring_pos, ring_len, losses, status, part, part_count, np.int64(ch),
         )
     if shared:
         for ch in range(n_chunks):

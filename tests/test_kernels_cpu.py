@@ -4,7 +4,7 @@ import pytest
 
 from streamlstm.backend import CpuBackend, NumpyBackend
 from streamlstm.bank import ModelBank
-from streamlstm.spec import ModelSpec
+from streamlstm.spec import STATUS_RESET, ModelSpec
 
 SERIAL = dict(parallel_min_batch=10**9)
 PARALLEL = dict(parallel_min_batch=1)
@@ -156,3 +156,88 @@ def test_shared_update_deferred_over_steps():
     for bank in banks[1:]:
         _assert_same(banks[0], bank, rtol=1e-9, atol=1e-12)
     assert banks[0].adam_t[0] == 3
+
+
+# --- shared weights: the GEMM-shaped forward (lstm_block) ------------------------------
+
+
+def _random_state(bank, rng):
+    """Carried state and half-filled history rings, as after some readings."""
+    for name in ("h", "c", "pred", "ring_x", "ring_h", "ring_c"):
+        arr = getattr(bank, name)
+        arr[...] = rng.normal(size=arr.shape) * 0.7
+    bank.ring_pos[:] = rng.integers(0, bank.spec.window, size=bank.capacity)
+    bank.ring_len[:] = rng.integers(0, bank.spec.window + 1, size=bank.capacity)
+
+
+def _forward_args(bank, slots, x, status):
+    return (slots, bank.weight_rows(slots), x, bank.theta, bank.offs, float(bank.spec.input_clip), bank.h, bank.c,
+            bank.ring_x, bank.ring_h, bank.ring_c, bank.ring_pos, bank.ring_len, bank.pred, status)
+
+
+def _same_state(a, b):
+    for name in STATE:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [dict(input_size=1, num_layers=1), dict(input_size=3, num_layers=2)])
+def test_shared_block_forward_equals_per_sensor_forward_bit_for_bit(dtype, shape):
+    """Same sums in the same order, same activations: the block path gives the per-sensor path's
+    numbers exactly, for any blocking (B not a multiple of the block, one sensor, the prange
+    driver's chunks), and resets the same sensors (NaN reading, NaN carried state)."""
+    from streamlstm import kernels_cpu
+
+    # H=6: layer 0 has 1 + 6 (or 3 + 6) weight rows, layer 1 has 12: the 4-row passes and their
+    # remainders both run
+    spec = ModelSpec(hidden_size=6, window=4, dtype=dtype, **shape)
+    rng = np.random.default_rng(7)
+    n_slots = 45
+    per_sensor, blocked = (ModelBank(spec, True, CpuBackend(**SERIAL), capacity=n_slots) for _ in range(2))
+    _random_state(per_sensor, rng)
+    for name in STATE:
+        getattr(blocked, name)[...] = getattr(per_sensor, name)
+    for B, block, chunks in [(37, 16, 0), (37, 5, 0), (1, 16, 0), (45, 8, 3), (37, 4, 37)]:
+        slots = rng.permutation(n_slots)[:B]
+        x = (rng.normal(size=(B, spec.input_size)) * 3).astype(dtype)
+        if B > 3:
+            x[1, 0] = np.nan
+            x[2, -1] = np.inf  # clipped: stays finite, as 1e30
+            x[3, 0] = 1e30
+            for bank in (per_sensor, blocked):
+                bank.h[slots[4], -1, 0] = np.nan  # a non-finite carried state resets too
+        status_a, status_b = np.zeros(B, np.int64), np.zeros(B, np.int64)
+        kernels_cpu.forward_batch_serial(*_forward_args(per_sensor, slots, x, status_a))
+        kernels_cpu.forward_shared(*_forward_args(blocked, slots, x, status_b), chunks, block=block)
+        np.testing.assert_array_equal(status_b, status_a)
+        _same_state(per_sensor, blocked)
+        if B > 3:
+            assert status_b[1] == STATUS_RESET and status_b[4] == STATUS_RESET
+            assert not np.any(np.delete(status_b, [1, 4]))
+            assert not blocked.h[slots[1]].any() and blocked.ring_len[slots[1]] == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-5)])
+def test_shared_forward_matches_reference_over_several_blocks(dtype, tol):
+    """Against the NumPy oracle through the bank: 37 sensors (blocks of 16 with a remainder),
+    two layers, readings with NaN (the sensor resets, status 1) and out-of-range values."""
+    spec = ModelSpec(input_size=2, hidden_size=6, num_layers=2, window=3, dtype=dtype)
+    banks = [ModelBank(spec, True, NumpyBackend()), ModelBank(spec, True, CpuBackend(**SERIAL)),
+             ModelBank(spec, True, CpuBackend(**PARALLEL))]
+    rng = np.random.default_rng(5)
+    n_slots = 37
+    for bank in banks:
+        for _ in range(n_slots):
+            bank.add_slot()
+    for step in range(4):
+        x = rng.normal(size=(n_slots, 2)) * 2
+        x[rng.integers(n_slots), step % 2] = np.nan
+        x[rng.integers(n_slots), 0] = -1e9
+        results = [bank.step(np.arange(n_slots), x, learn=False) for bank in banks]
+        for r in results[1:]:
+            np.testing.assert_array_equal(r.status, results[0].status)
+            np.testing.assert_allclose(r.next_prediction, results[0].next_prediction, rtol=tol, atol=tol)
+        assert np.sum(results[0].status == STATUS_RESET) >= 1
+    for bank in banks[1:]:
+        _assert_same(banks[0], bank, rtol=tol, atol=tol)
+    _same_state(banks[1], banks[2])  # serial and prange drivers: the same numbers

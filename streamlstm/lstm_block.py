@@ -1,0 +1,203 @@
+"""Shared-weight LSTM forward for a block of sensors at once: the GEMM shape.
+
+With shared weights every sensor multiplies its [input, h] by the same (I + H, 4H) matrix.
+`lstm_math.forward_one` does that one sensor at a time (a matrix-vector product: each weight
+comes from L2 for one multiply-add). Here a block of n sensors (`block_rows`: 16 at H=64
+float32) fills an (n, 4H) gate tile: four weight rows at a time are loaded once and serve every
+sensor of the block from L1, so the loop is bound by arithmetic, not by weight loads.
+
+The same numbers as `forward_one`, bit for bit: each pre-activation is summed in the same
+order (bias, input rows, hidden rows; no fused multiply-add), the activations are the same
+`scalar_math` functions, the head sums h in the same order. The per-sensor path and this one
+can alternate (tests assert equality), and the per-sensor path stays the oracle.
+
+Every function is `register_jitable` and allocation-free (scratch comes in), so kernels compiled
+with `_nrt=False` can call it. Speed needs the calling kernel compiled with
+`error_model="numpy"`: under Numba's default ("python") the float32 tanh's division carries a
+divide-by-zero check whose exception exit keeps the activation loops scalar (measured 9 ns per
+activation against 0.8-1.8 ns vectorised). Nothing here can divide by zero (tanh's denominator
+is >= 0.0049 or NaN, the float64 sigmoid's >= 1, the ring length >= 1), so the results are the
+same under either model.
+
+Scratch (dtype of the state):
+  gates (n, 4H)             the block's gate tile
+  z     (n, max(I, H) + H)  per sensor [layer input, h of the layer]: the tile's left operand
+"""
+from numba.extending import register_jitable
+
+from .lstm_math import STATUS_OK, STATUS_RESET, all_finite, copy_state, reset_slot
+from .scalar_math import clip_value, sigmoid_act, tanh_act
+
+TILE_BYTES = 16384  # the gate tile's share of a 32 KiB L1: the weight rows and z need the rest
+
+
+@register_jitable
+def copy_row(dst, src):
+    """dst[:] = src as a loop (array assignment may go through a temporary: the allocator)."""
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
+
+
+@register_jitable
+def block_gates(W, bias, z, n, gates):
+    """gates[r] = bias + z[r, :K] @ W for r < n; W (K, 4H) is [Wx; Wh] (contiguous in the
+    layout). Four weight rows per pass over the block, summed in row order."""
+    K = W.shape[0]
+    G = W.shape[1]
+    for r in range(n):
+        for g in range(G):
+            gates[r, g] = bias[g]
+    k = 0
+    while k + 4 <= K:
+        w0 = W[k]
+        w1 = W[k + 1]
+        w2 = W[k + 2]
+        w3 = W[k + 3]
+        for r in range(n):
+            z0 = z[r, k]
+            z1 = z[r, k + 1]
+            z2 = z[r, k + 2]
+            z3 = z[r, k + 3]
+            row = gates[r]
+            for g in range(G):
+                a = row[g]
+                a += z0 * w0[g]
+                a += z1 * w1[g]
+                a += z2 * w2[g]
+                a += z3 * w3[g]
+                row[g] = a
+        k += 4
+    while k < K:
+        w0 = W[k]
+        for r in range(n):
+            z0 = z[r, k]
+            row = gates[r]
+            for g in range(G):
+                row[g] += z0 * w0[g]
+        k += 1
+
+
+@register_jitable
+def block_cell(gates, n, slots, layer, h, c, z):
+    """Activations and cell update of layer `layer` for the block's n sensors; the new h also
+    goes to z[r, :H], the next layer's input (or the head's).
+
+    The loop runs over views that start at index 0: with an index like `H + j`, which LLVM
+    cannot prove non-negative, Numba's wraparound for negative indices keeps the loop scalar."""
+    H = h.shape[2]
+    for r in range(n):
+        ig = gates[r, :H]
+        fg = gates[r, H : 2 * H]
+        gg = gates[r, 2 * H : 3 * H]
+        og = gates[r, 3 * H : 4 * H]
+        cs = c[slots[r], layer]
+        hs = h[slots[r], layer]
+        zr = z[r, :H]
+        for j in range(H):
+            cn = sigmoid_act(fg[j]) * cs[j] + sigmoid_act(ig[j]) * tanh_act(gg[j])
+            cs[j] = cn
+            hn = sigmoid_act(og[j]) * tanh_act(cn)
+            hs[j] = hn
+            zr[j] = hn
+
+
+@register_jitable
+def block_head(theta_row, offs, slots, n, H, z, pred):
+    """pred[slots[r]] = by + h_top @ Wy with h_top in z[r, :H], summed in forward_one's order;
+    four sensors side by side, so that four independent sums share each weight."""
+    L = offs.shape[0] - 1
+    O = pred.shape[1]
+    wy = offs[L, 0]
+    by = offs[L, 1]
+    Wy = theta_row[wy : wy + H * O].reshape((H, O))
+    for o in range(O):
+        r = 0
+        while r + 4 <= n:
+            a0 = a1 = a2 = a3 = theta_row[by + o]
+            for j in range(H):
+                w = Wy[j, o]
+                a0 += z[r, j] * w
+                a1 += z[r + 1, j] * w
+                a2 += z[r + 2, j] * w
+                a3 += z[r + 3, j] * w
+            pred[slots[r], o] = a0
+            pred[slots[r + 1], o] = a1
+            pred[slots[r + 2], o] = a2
+            pred[slots[r + 3], o] = a3
+            r += 4
+        while r < n:
+            a = theta_row[by + o]
+            for j in range(H):
+                a += z[r, j] * Wy[j, o]
+            pred[slots[r], o] = a
+            r += 1
+
+
+@register_jitable
+def push_block(slots, x, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len):
+    """The BPTT ring push of `lstm_math.push_and_forward` for each sensor of the block."""
+    T = ring_x.shape[1]
+    for r in range(slots.shape[0]):
+        s = slots[r]
+        pos = ring_pos[s]
+        for i in range(x.shape[1]):
+            ring_x[s, pos, i] = clip_value(x[r, i], clip)
+        copy_state(ring_h[s, pos], h[s])
+        copy_state(ring_c[s, pos], c[s])
+        ring_pos[s] = (pos + 1) % T
+        if ring_len[s] < T:
+            ring_len[s] += 1
+
+
+@register_jitable
+def check_block(slots, h, c, ring_len, ring_pos, pred, status):
+    """status[r] per sensor; a non-finite state or prediction resets the sensor (as
+    `lstm_math.push_and_forward`)."""
+    for r in range(slots.shape[0]):
+        s = slots[r]
+        if all_finite(pred[s]) and all_finite(c[s]):
+            status[r] = STATUS_OK
+        else:
+            reset_slot(s, h, c, ring_len, ring_pos, pred)
+            status[r] = STATUS_RESET
+
+
+@register_jitable
+def push_and_forward_block(
+    slots, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, gates, z
+):
+    """`lstm_math.push_and_forward` for a block of n sensors sharing theta_row: slots (n,)
+    distinct, n <= gates.shape[0]; x (n, I) their readings; status (n,) out. Each sensor's
+    reading and state go to its BPTT ring, (h, c) advance in place, the next prediction goes
+    to pred; a non-finite state or prediction resets the sensor (STATUS_RESET)."""
+    n = slots.shape[0]
+    L = h.shape[1]
+    H = h.shape[2]
+    G = 4 * H
+    push_block(slots, x, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len)
+    n_in = x.shape[1]
+    for r in range(n):
+        for i in range(n_in):
+            z[r, i] = clip_value(x[r, i], clip)
+    for layer in range(L):
+        wx = offs[layer, 0]
+        bo = offs[layer, 2]
+        K = n_in + H
+        for r in range(n):
+            copy_row(z[r, n_in : n_in + H], h[slots[r], layer])
+        block_gates(theta_row[wx : wx + K * G].reshape((K, G)), theta_row[bo : bo + G], z, n, gates)
+        block_cell(gates, n, slots, layer, h, c, z)
+        n_in = H
+    block_head(theta_row, offs, slots, n, H, z, pred)
+    check_block(slots, h, c, ring_len, ring_pos, pred, status)
+
+
+def block_rows(H, itemsize):
+    """Sensors per block: a (n, 4H) gate tile of about TILE_BYTES (16 at H=64 float32), 4..32."""
+    return max(4, min(32, TILE_BYTES // (4 * H * itemsize)))
+
+
+@register_jitable
+def block_scratch_width(I, H):
+    """Columns of the z scratch: [layer input (I, or H above layer 0), h]."""
+    return max(I, H) + H
