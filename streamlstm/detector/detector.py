@@ -15,6 +15,7 @@ from ..config import GroupConfig
 from ..reading import Reading
 from ..spec import ModelSpec
 from .group import OK, BatchResult, GroupDetector
+from .transfer import join, take_rows
 
 __all__ = ["Detector", "DetectorBatch", "GroupConfig", "Outcome"]
 
@@ -210,6 +211,65 @@ class Detector:
             arrays.update({f"{name}/{k}": v for k, v in a.items()})
             meta["groups"][name] = m
         return arrays, meta
+
+    # --- sensors moving between detectors (a Kafka partition changing worker) -----------
+
+    def export_sensors(self, names) -> tuple[dict, dict]:
+        """The state of those of `names` this detector knows, in `state_dict`'s format (copies;
+        a shared group's weights come along whole)."""
+        arrays, meta = {}, {"groups": {}}
+        for name, det in self.active.items():
+            rows = [det.sensors[n] for n in names if n in det.sensors]
+            if rows:
+                a, m = det.state_dict(rows)
+                arrays.update({f"{name}/{k}": v for k, v in a.items()})
+                meta["groups"][name] = m
+        return arrays, meta
+
+    def drop_sensors(self, names) -> None:
+        """Forget these sensors (their state went elsewhere); the others keep theirs."""
+        for name, det in list(self.active.items()):
+            gone = {det.sensors[n] for n in names if n in det.sensors}
+            if gone:
+                keep = [slot for slot in range(len(det.names)) if slot not in gone]
+                self._replace_group(name, det.state_dict(keep))
+
+    def adopt_sensors(self, arrays: dict, meta: dict) -> list:
+        """Take over sensors another detector exported (`export_sensors`, `state_dict`). Groups
+        no longer configured are skipped (their sensors start fresh); a sensor this detector
+        already knows keeps its own state. ValueError when a group's model shape changed.
+        Returns the ids taken over."""
+        by_name = {g.name: g for g in self.groups}
+        taken = []
+        for name, m in meta["groups"].items():
+            if name not in by_name:
+                continue
+            prefix = f"{name}/"
+            incoming = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            _check_per_sensor_shapes(name, incoming, m)
+            det = self.active.get(name)
+            if det is None:
+                det = self._new_group(by_name[name], int(m["shape"][0]))
+                det.load_state_dict(incoming, m)
+                self.active[name] = det
+                taken.extend(m["sensors"])
+                continue
+            if list(m["shape"]) != list(det.spec.shape_key()) or bool(m["shared"]) != det.shared:
+                raise ValueError(f"group {name!r}: model shape {m['shape']} does not match the running one")
+            new = [i for i, s in enumerate(m["sensors"]) if s not in det.sensors]
+            if new:
+                incoming, m = take_rows(incoming, m, new)
+                self._replace_group(name, join(det.state_dict(), (incoming, m)))
+                taken.extend(m["sensors"])
+        return taken
+
+    def _replace_group(self, name: str, state: tuple) -> None:
+        """A fresh GroupDetector of group `name` holding `state` (slots renumbered from 0)."""
+        group = next(g for g in self.groups if g.name == name)
+        old = self.active[name]
+        det = self._new_group(group, old.spec.input_size)
+        det.load_state_dict(*state)
+        self.active[name] = det
 
     def load_state_dict(self, arrays: dict, meta: dict):
         """Restore groups still in the config; raises ValueError on a model-shape change."""
