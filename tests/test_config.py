@@ -81,14 +81,14 @@ def test_example_documents_every_key():
 def test_example_choice_comments_match_schema():
     # Comments like "# adam | sgd" must list exactly the accepted choices.
     choices = {}
-    for cls in (C.MqttConfig, C.InputConfig, ModelConfig, DetectorConfig, GroupConfig, C.BackendConfig,
+    for cls in (C.Config, C.KafkaConfig, C.MqttConfig, C.InputConfig, ModelConfig, DetectorConfig, GroupConfig, C.BackendConfig,
                 C.LoggingConfig):
         for f in dataclasses.fields(cls):
             if f.metadata["spec"].kind == "choice":
                 choices[f.name] = set(f.metadata["spec"].choices)
     seen = set()
     for line in EXAMPLE.read_text().splitlines():
-        m = re.match(r"\s*(?:- )?(\w+):.*?#\s*([\w.]+(?:\s*\|\s*[\w.]+)+)", line)
+        m = re.match(r"\s*(?:- )?(\w+):.*?#\s*([\w.-]+(?:\s*\|\s*[\w.-]+)+)", line)
         if m:
             key, listed = m.group(1), {w.strip() for w in m.group(2).split("|")}
             assert choices.get(key) == listed, (key, listed)

@@ -50,31 +50,38 @@ def take_rows(arrays: dict, meta: dict, rows) -> tuple[dict, dict]:
     return out, dict(meta, sensors=[names[r] for r in rows], open=opened)
 
 
-def join(first: tuple, second: tuple) -> tuple[dict, dict]:
-    """One group's state holding the sensors of `first`, then those of `second` (their ids must
-    be distinct). Shared weights are `first`'s. ValueError when the two do not fit together."""
-    (a, ma), (b, mb) = first, second
-    if list(ma["shape"]) != list(mb["shape"]) or bool(ma["shared"]) != bool(mb["shared"]):
-        raise ValueError(f"model shapes differ: {ma['shape']} (shared {ma['shared']}) vs "
-                         f"{mb['shape']} (shared {mb['shared']})")
-    if set(a) != set(b):
-        raise ValueError(f"state arrays differ: {sorted(set(a) ^ set(b))} (written by another version?)")
-    if "seasonal.periods" in a and not np.array_equal(a["seasonal.periods"], b["seasonal.periods"]):
-        raise ValueError("seasonal periods differ")
-    if set(ma["sensors"]) & set(mb["sensors"]):
-        raise ValueError("the two states share sensors")
+def join(states) -> tuple[dict, dict]:
+    """One group's state holding the sensors of each of `states` in turn (their ids must be
+    distinct), built in one pass. Shared weights are the first's. ValueError when they do not
+    fit together."""
+    states = list(states)
+    a, ma = states[0]
+    for b, mb in states[1:]:
+        if list(ma["shape"]) != list(mb["shape"]) or bool(ma["shared"]) != bool(mb["shared"]):
+            raise ValueError(f"model shapes differ: {ma['shape']} (shared {ma['shared']}) vs "
+                             f"{mb['shape']} (shared {mb['shared']})")
+        if set(a) != set(b):
+            raise ValueError(f"state arrays differ: {sorted(set(a) ^ set(b))} (written by another version?)")
+        if "seasonal.periods" in a and not np.array_equal(a["seasonal.periods"], b["seasonal.periods"]):
+            raise ValueError("seasonal periods differ")
+    names = [n for _, m in states for n in m["sensors"]]
+    if len(set(names)) != len(names):
+        raise ValueError("the states share sensors")
     shared = bool(ma["shared"])
+    offsets = [state[0]["seasonal.offset"] for state in states] if "seasonal.offset" in a else []
+    if offsets:  # each state's profile rows move behind the pools before it
+        shift = np.cumsum([0] + [len(state[0]["seasonal.pool"]) for state in states[:-1]])
+        offsets = [np.where(off >= 0, off + s, off) for off, s in zip(offsets, shift)]
     out = {}
     for key, va in a.items():
-        if _per_sensor(key, shared) or key in _SEASONAL_ROWS or key == "seasonal.pool":
-            out[key] = np.concatenate([va, b[key]])
+        if key == "seasonal.offset":
+            out[key] = np.concatenate(offsets)
+        elif _per_sensor(key, shared) or key in _SEASONAL_ROWS or key == "seasonal.pool":
+            out[key] = np.concatenate([state[0][key] for state in states])
         else:  # shared weights, seasonal periods: the first's
             out[key] = va.copy()
-    if "seasonal.offset" in a:
-        shift = len(a["seasonal.pool"])
-        moved = out["seasonal.offset"][len(ma["sensors"]):]
-        moved[moved >= 0] += shift
-    na = len(ma["sensors"])
-    opened = dict(ma.get("open", {}))
-    opened.update({str(int(k) + na): v for k, v in mb.get("open", {}).items()})
-    return out, dict(ma, sensors=list(ma["sensors"]) + list(mb["sensors"]), open=opened)
+    opened, first = {}, 0
+    for _, m in states:
+        opened.update({str(int(k) + first): v for k, v in m.get("open", {}).items()})
+        first += len(m["sensors"])
+    return out, dict(ma, sensors=names, open=opened)
