@@ -154,7 +154,7 @@ class Daemon:
                                            session_expiry_s=0)
         self.mqtt = MqttIO(mqtt_cfg, cfg.output.status_topic, self._subscriptions(self.parser), self._on_message,
                            metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
-                           read_gate=self.queue.wait_for_room,
+                           read_gate=self.queue.wait_for_room if self.partitions is None else None,
                            log_interval_s=cfg.logging.rejected_log_interval_s, on_connected=self._on_connected)
         self.output = BatchOutput(cfg, self.mqtt, self.metrics, self.rlog)
         self._ack = self._ack or self.mqtt.ack
