@@ -9,7 +9,11 @@ misbehaved against Tansu).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -18,7 +22,7 @@ import pytest
 pytest.importorskip("confluent_kafka", reason="confluent-kafka is not installed (the kafka extra)")
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
-from daemon_harness import SMALL_DETECTOR, daemon_config, wait_for  # noqa: E402
+from daemon_harness import REPO, SMALL_DETECTOR, Publisher, daemon_config, wait_for  # noqa: E402
 
 from streamlstm.checkpoint import load_checkpoint  # noqa: E402
 from streamlstm.config import parse_config  # noqa: E402
@@ -165,10 +169,10 @@ def statuses(workers) -> dict:
     return seen
 
 
-def wait_all_seen(workers, rounds, timeout=60):
+def wait_all_seen(workers, rounds, timeout=60, sensors=SENSORS):
     def done():
         seen = statuses(workers)
-        return len(seen) == SENSORS and min(seen.values()) >= rounds
+        return len(seen) == sensors and min(seen.values()) >= rounds
     wait_for(done, timeout, step=0.5, what=f"every sensor at {rounds} readings; logs:\n"
              + "\n".join(w.log_tail(15) for w in workers))
 
@@ -259,3 +263,54 @@ def test_three_workers_join_leave_crash_and_state_equals_one_process(mosquitto, 
     for key in want:
         assert np.array_equal(got[key], want[key], equal_nan=True), key
     assert int(got["ps/seen"].min()) == log.rounds  # no reading lost, none counted twice
+
+
+def test_bridge_forwards_mqtt_readings_keyed_by_sensor_to_a_worker(mosquitto, tansu, tmp_path, daemons):
+    tansu.create_topic(TOPIC, PARTITIONS)
+    (tmp_path / "w").mkdir()
+    config = worker_config(mosquitto, tansu, tmp_path, "w", tmp_path / "snapshots")
+    config["inputs"] = [{"topic": "sensors/{sensor}"}]  # the bridge subscribes; the worker matches the header
+    path = tmp_path / "bridge.yaml"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = open(tmp_path / "bridge.log", "wb")
+    bridge = subprocess.Popen([sys.executable, "-m", "streamlstm", "bridge", "-c", str(path)], env=env,
+                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: b"subscribed to sensors/+" in (tmp_path / "bridge.log").read_bytes(), 60,
+                 what="the bridge's subscription")
+        pub = Publisher(mosquitto.host, mosquitto.port)
+        sensors, rounds = 40, 5
+        for k in range(rounds):
+            for i in range(sensors):
+                pub.publish(f"sensors/dev{i:02d}", b'{"value":%r,"ts":%r}' % (float((i * 7 + k * 3) % 11), T0 + 10 * k), 1)
+        pub.wait_acked(30)
+        pub.close()
+
+        c = Consumer({"bootstrap.servers": tansu.bootstrap, "group.id": "check", "enable.auto.commit": False})
+        c.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+        records = []
+        deadline = time.monotonic() + 60
+        while len(records) < sensors * rounds and time.monotonic() < deadline:
+            records.extend(m for m in c.consume(500, 0.5) if m.error() is None)
+        c.close()
+        assert len(records) == sensors * rounds
+        by_key = {}
+        for m in records:
+            key = m.key().decode()
+            assert m.partition() == murmur2_partition(m.key(), PARTITIONS)  # as a Java producer would
+            assert dict(m.headers()) == {"mqtt_topic": f"sensors/{key}".encode()}
+            by_key.setdefault(key, []).append(json.loads(m.value())["ts"])
+        assert sorted(by_key) == [f"dev{i:02d}" for i in range(sensors)]
+        assert all(ts == [T0 + 10 * k for k in range(rounds)] for ts in by_key.values())  # in order, once
+
+        worker = daemons(tmp_path / "w", config, name="w").start()
+        worker.wait_ready()
+        wait_all_seen([worker], rounds, sensors=sensors)
+        assert worker.stop() == 0
+    finally:
+        if bridge.poll() is None:
+            bridge.send_signal(signal.SIGTERM)
+        rc = bridge.wait(30)
+        out.close()
+    assert rc == 0, (tmp_path / "bridge.log").read_text()
