@@ -194,9 +194,9 @@ class PartitionStates:
         partitions = sorted(partitions)
         kept = {}
         for p in partitions:  # eager: a partition coming back keeps its state if nobody wrote since
-            part = self.parked.pop(p, None)
+            part = self.parked.get(p)
             if part is not None and self.store.newest_identity(p) == part.written:
-                kept[p] = part
+                kept[p] = self.parked.pop(p)
         self._forget(self.parked)
         self.parked = {}
         loaded, offsets = [], {}
@@ -283,6 +283,10 @@ class PartitionStates:
         """Seconds since the oldest owned partition's last snapshot (None: none written yet)."""
         times = [part.saved_unix for part in self.owned.values() if part.saved_unix is not None]
         return max(0.0, time.time() - min(times)) if times else None
+
+    def wait_written(self) -> None:
+        """Until the periodic snapshot being written (if any) is on disk."""
+        self._collect(wait=True)
 
     def close(self) -> None:
         """Wait for the snapshot being written; the worker is done."""
