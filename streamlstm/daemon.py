@@ -13,6 +13,11 @@ Threads
   does not stall the worker); the final checkpoint at shutdown is written by the main thread.
 * main: start-up, signals (SIGTERM/SIGINT stop, SIGHUP reload), shutdown.
 
+`source: kafka` (kafka_source.py): a `KafkaSource` takes the queue's place and the worker polls
+it itself, so the consumer group's rebalance callbacks run between two batches and move
+per-partition state (partition_state.py); records go through the same `_on_message`, tokens are
+(partition, offset), MQTT carries the output only. docs/scaling.md.
+
 Backpressure and acks: the queue holds ``pipeline.queue_size`` entries (one per reading, one
 per payload without readings), plus at most the one message read when it was last below
 that. While it is full the network thread reads no packet (`MqttIO` read gate): TCP flow
@@ -454,8 +459,11 @@ class Daemon:
                 status = EXIT_FAILURE
         if self._fatal:
             log.error("no final checkpoint: %s (the last periodic one stays)", self._fatal)
-        elif self.partitions is not None:
-            pass  # the worker left the consumer group: every owned partition was snapshotted then
+        elif self.partitions is not None:  # leaving the consumer group snapshotted every owned partition
+            if not self.queue.closed:
+                log.error("the worker did not leave the consumer group: no partition snapshot at shutdown "
+                          "(the periodic ones stay)")
+                status = EXIT_FAILURE
         elif self._worker is None or not self._worker.is_alive():
             self.notifier.status("stopping: final checkpoint")
             if self.checkpointer.save_final():
