@@ -173,8 +173,12 @@ def bench_snapshot(args, result: dict) -> None:
 
 
 def median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
+    """Median of the measured values (NaN: a run too short to measure is left out)."""
+    values = sorted(v for v in values if v == v)
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def main(argv=None):
@@ -193,8 +197,6 @@ def main(argv=None):
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:
         workdir = pathlib.Path(tmp)
-        broker = Mosquitto(workdir / "broker", max_queued_messages=10 * args.sensors * args.readings + 10)
-        broker.start()
         tansu = Tansu(binary, workdir / "tansu").start()
         try:
             result["tansu"] = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
@@ -203,19 +205,26 @@ def main(argv=None):
             subprocess.run([sys.executable, "-m", "streamlstm", "warmup", "-c", str(cfg_path)], check=True,
                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, timeout=1200)
             for i in range(args.repeat):
-                rundir = workdir / f"run{i}"  # fresh daemon state: the same readings come again
-                rundir.mkdir()
-                for batched in (False, True):
-                    mqtt = {}
-                    bench_daemon(broker, rundir, args, batched, mqtt)
-                    for key, value in mqtt.items():
-                        result.setdefault(key, []).append(value)
-                    bench_worker(tansu, broker, rundir, args, batched, result)
-                    bench_bare(tansu, rundir, args, batched, result)
+                # Fresh daemon state and a fresh mosquitto (no session of the last run): the
+                # same readings come again.
+                rundir = workdir / f"run{i}"
+                broker = Mosquitto(rundir / "broker", max_queued_messages=10 * args.sensors * args.readings + 10)
+                broker.start()
+                try:
+                    result["mosquitto"] = subprocess.run([broker.binary, "-h"], capture_output=True,
+                                                         text=True).stdout.split("\n")[0]
+                    for batched in (False, True):
+                        mqtt = {}
+                        bench_daemon(broker, rundir, args, batched, mqtt)
+                        for key, value in mqtt.items():
+                            result.setdefault(key, []).append(value)
+                        bench_worker(tansu, broker, rundir, args, batched, result)
+                        bench_bare(tansu, rundir, args, batched, result)
+                finally:
+                    broker.stop()
             bench_snapshot(args, result)
         finally:
             tansu.stop()
-            broker.stop()
 
     def med(key, field):
         return median([r[field] for r in result[key]])

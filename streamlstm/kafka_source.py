@@ -18,6 +18,7 @@ partition resumes is the offset in its snapshot. confluent-kafka is imported onl
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -119,6 +120,7 @@ class KafkaSource:
         self._consumer = kafka.Consumer(settings)
         self._consumer.subscribe([k.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
         self._entries: list = []
+        self._backlog: collections.deque = collections.deque()  # records polled, not yet taken
         self._partition = -1          # partition of the record being parsed (for `put`)
         self._expect: dict = {}       # partition -> offset of the next record to take (None: any)
         self._close_requested = threading.Event()
@@ -140,19 +142,22 @@ class KafkaSource:
         self._close_requested.set()
 
     def get_batch(self, max_items: int, max_wait_s: float, idle_s: float) -> list:
-        """Entries of up to `max_items` records, from any of the owned partitions."""
+        """Entries of about `max_items` readings (whole records), from any owned partition."""
         if self._closed:
             return []
         if self._close_requested.is_set():
             self._leave()
             return []
-        deadline = time.monotonic() + idle_s
-        while True:
-            records = self._consumer.consume(max_items, max(max_wait_s, 0.001))  # callbacks run here
-            if records or self._close_requested.is_set() or time.monotonic() >= deadline:
-                break
-        for record in records:
-            self._take(record)
+        if not self._backlog:  # poll only between records: the callbacks find every taken record acked
+            deadline = time.monotonic() + idle_s
+            while True:
+                records = self._consumer.consume(max_items, max(max_wait_s, 0.001))  # callbacks run here
+                if records or self._close_requested.is_set() or time.monotonic() >= deadline:
+                    break
+            self._backlog.extend(records)
+        # Up to max_items readings, as from the MQTT queue (a record may hold many).
+        while self._backlog and len(self._entries) < max_items:
+            self._take(self._backlog.popleft())
         entries, self._entries = self._entries, []
         self.partitions.snapshot_due()  # between batches: the state is that of every acked record
         self._commit()
@@ -250,7 +255,9 @@ class KafkaSource:
             self._expect.pop(tp.partition, None)
 
     def _leave(self) -> None:
-        """Leave the group: the revoke callback snapshots every owned partition first."""
+        """Leave the group: the revoke callback snapshots every owned partition first (records
+        polled but not taken are the next owner's, from the snapshot's offset)."""
+        self._backlog.clear()
         try:
             self._consumer.close()
         finally:
