@@ -176,11 +176,53 @@ def publish_all(broker, items):
     return time.perf_counter() - t0
 
 
+def drain(d: Daemon, cfg: dict, sensors: int, total: int) -> tuple:
+    """Start `d` on its backlog of `total` readings: (readings/s once every sensor trains,
+    readings/s from READY to the last), from /metrics polled every 0.1 s."""
+    samples = []
+    d.start()
+    t_ready = time.perf_counter()
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        n = d.readings()
+        samples.append((time.perf_counter(), n))
+        if n >= total:
+            break
+        time.sleep(0.1)
+    assert d.stop() == 0
+    from streamlstm.config import parse_config
+    warm = parse_config(cfg).detector.scaling_warmup
+    skip = sensors * (warm + 5)  # every sensor trains from here on
+    return drain_rate(samples, skip, total), total / (samples[-1][0] - t_ready)
+
+
 def drain_rate(samples, skip: float, total: float):
     """Readings/s between the first sample at or past `skip` readings and the end."""
     start = next((t, n) for t, n in samples if n >= skip)
     end = next((t, n) for t, n in samples if n >= total)
     return (end[1] - start[1]) / (end[0] - start[0]) if end[0] > start[0] else float("nan")
+
+
+def machine() -> dict:
+    """Where and when a bench ran (the head of its JSON)."""
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def report(title: str, rows: list, result: dict, out, prefix: str) -> None:
+    """Print the table; write the JSON to `out` or bench/results/<prefix>-<host>-<time>.json."""
+    print(title)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v:>10}")
+    out = pathlib.Path(out) if out else RESULTS / (
+        f"{prefix}-{platform.node()}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"JSON: {out}")
 
 
 # --------------------------------------------------------------------------------- phases
@@ -200,22 +242,7 @@ def bench_daemon(broker, workdir, args, batched: bool, result: dict) -> dict:
     items = messages(args.sensors, args.readings, batched)
     total = args.sensors * args.readings
     pub_s = publish_all(broker, items)
-    samples = []
-    d.start()
-    t_ready = time.perf_counter()
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        n = d.readings()
-        samples.append((time.perf_counter(), n))
-        if n >= total:
-            break
-        time.sleep(0.1)
-    assert d.stop() == 0
-    from streamlstm.config import parse_config
-    warm = parse_config(cfg).detector.scaling_warmup
-    skip = args.sensors * (warm + 5)  # every sensor trains from here on
-    rate = drain_rate(samples, skip, total)
-    overall = total / (samples[-1][0] - t_ready)
+    rate, overall = drain(d, cfg, args.sensors, total)
     out = {"messages": len(items), "readings": total, "readings_per_message": total // len(items),
            "publish_s": pub_s, "readings_per_s_training": rate, "readings_per_s_overall_from_ready": overall,
            "messages_per_s_training": rate * len(items) / total}
@@ -277,10 +304,7 @@ def bench_start(broker, workdir, args, result: dict):
 
 def main(argv=None):
     args = parse_args(argv)
-    result = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "python": platform.python_version(),
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "sensors": args.sensors, "readings_per_sensor": args.readings, "hidden_size": args.hidden}
+    result = {**machine(), "sensors": args.sensors, "readings_per_sensor": args.readings, "hidden_size": args.hidden}
     try:
         import paho.mqtt
         result["paho"] = paho.mqtt.__version__
@@ -307,18 +331,8 @@ def main(argv=None):
          f"{result['daemon_batched']['readings_per_s_training']:.0f}"),
         (f"bare paho, {BATCH} readings/message: readings/s", f"{result['bare_batched']['readings_per_s']:.0f}"),
     ]
-    print(f"streamlstm daemon, {args.sensors} sensors, H={args.hidden}, {args.readings} readings/sensor, "
-          f"{result['cpus']} CPUs, {result.get('mosquitto', 'mosquitto')}")
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v:>10}")
-    out = pathlib.Path(args.out) if args.out else RESULTS / (
-        f"daemon-{platform.node()}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"JSON: {out}")
+    report(f"streamlstm daemon, {args.sensors} sensors, H={args.hidden}, {args.readings} readings/sensor, "
+           f"{result['cpus']} CPUs, {result.get('mosquitto', 'mosquitto')}", rows, result, args.out, "daemon")
     return 0
 
 

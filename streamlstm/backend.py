@@ -36,6 +36,9 @@ class _HostBackend:
     def reset_slot(self, bank, slot):
         pass
 
+    def init_weights(self, bank, slot):
+        pass
+
 
 class NumpyBackend(_HostBackend):
     """The pure-NumPy reference: slow, dependency-free, the oracle."""
@@ -193,6 +196,9 @@ class AutoBackend:
 
     def reset_slot(self, bank, slot):
         self.active.reset_slot(bank, slot)
+
+    def init_weights(self, bank, slot):
+        self.active.init_weights(bank, slot)
 
     def train(self, bank, slots, x, scale):
         self._maybe_move(bank, len(slots))

@@ -123,6 +123,12 @@ class CudaBackend:
             if name in dev.arrays:
                 dev.arrays[name][slot : slot + 1].copy_to_device(np.ascontiguousarray(getattr(bank, name)[slot : slot + 1]))
 
+    def init_weights(self, bank, slot):
+        """Upload a new slot's initial weights (bank.add_slot wrote them on the host)."""
+        dev = self._dev.get(bank)
+        if dev is not None:
+            dev.arrays["theta"][slot : slot + 1].copy_to_device(np.ascontiguousarray(bank.theta[slot : slot + 1]))
+
     def sync_pred(self, bank):
         """Nothing to do: forward() already copied the batch's predictions into bank.pred
         (only those B rows, together with the status: one transfer per step)."""

@@ -18,6 +18,7 @@ take arrays as arguments, so nothing recompiles and no state is lost.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -38,8 +39,16 @@ class StepResult:
 
 
 def _row_seed(spec: ModelSpec, row: int) -> int:
-    # Distinct, reproducible init per sensor for per-sensor weights.
+    # Distinct, reproducible init per slot for per-sensor weights (callers that name no key).
     return (spec.seed * 1_000_003 + row) % (2**63)
+
+
+def key_seed(spec: ModelSpec, key: str) -> int:
+    """The init seed of a per-sensor weight row keyed by the sensor's id: the same weights
+    whichever slot the sensor gets, on whichever worker (a sensor's state after a sequence of
+    readings must not depend on which other sensors arrived first; docs/scaling.md)."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return (spec.seed * 1_000_003 + int.from_bytes(digest, "little")) % (2**63)
 
 
 class ModelBank:
@@ -82,16 +91,16 @@ class ModelBank:
             "since_train": np.zeros(n, np.int64),
         }
 
-    def _blank_weights(self, first: int, n: int) -> dict:
-        theta = np.stack([init_params(self.spec, seed=_row_seed(self.spec, first + r)) for r in range(n)])
-        theta = theta.reshape(n, self.spec.num_params)
+    def _blank_weights(self, n: int) -> dict:
+        # Rows get their init when add_slot hands them out (keyed by the sensor when it has one).
+        theta = np.zeros((n, self.spec.num_params), self.spec.np_dtype)
         return {"theta": theta, "m": np.zeros_like(theta), "v": np.zeros_like(theta), "adam_t": np.zeros(n, np.int64)}
 
     def _alloc_state(self, new_capacity: int):
         old = self.capacity
         blank = self._blank_state(new_capacity - old)
         if not self.shared:
-            blank.update(self._blank_weights(old, new_capacity - old))
+            blank.update(self._blank_weights(new_capacity - old))
         for name, extra in blank.items():
             current = getattr(self, name, None)
             setattr(self, name, extra if current is None or old == 0 else np.concatenate([current, extra]))
@@ -104,10 +113,16 @@ class ModelBank:
         self._alloc_state(max(n, 2 * self.capacity))
         self.backend.attach(self)
 
-    def add_slot(self) -> int:
+    def add_slot(self, key: str | None = None) -> int:
+        """A new slot; per-sensor weights start from an init seeded by `key` (the sensor id),
+        or by the slot number when no key is given."""
         slot = self.size
         self.ensure_capacity(slot + 1)
         self.size += 1
+        if not self.shared:
+            seed = _row_seed(self.spec, slot) if key is None else key_seed(self.spec, key)
+            self.theta[slot] = init_params(self.spec, seed=seed)
+            self.backend.init_weights(self, slot)
         return slot
 
     def reset_slot(self, s: int):
@@ -180,15 +195,17 @@ class ModelBank:
 
     # --- checkpoints ------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def state_dict(self, copy: bool = True) -> dict:
+        """The state of every slot: copies, or views (`copy=False`: read them before the next
+        step; detector/transfer.py picks rows out of them)."""
         self.backend.sync(self)
-        arrays = {name: getattr(self, name)[: self.size].copy() for name in STATE_ARRAYS}
+        arrays = {name: getattr(self, name)[: self.size] for name in STATE_ARRAYS}
         for name in WEIGHT_ARRAYS:
             value = getattr(self, name)
-            arrays[name] = (value if self.shared else value[: self.size]).copy()
+            arrays[name] = value if self.shared else value[: self.size]
         if self.shared:
-            arrays.update({name: getattr(self, name).copy() for name in PENDING_ARRAYS})
-        return arrays
+            arrays.update({name: getattr(self, name) for name in PENDING_ARRAYS})
+        return {k: v.copy() for k, v in arrays.items()} if copy else arrays
 
     def load_state_dict(self, arrays: dict, size: int):
         """Restore from `state_dict` output; shapes must match this bank's spec."""

@@ -485,27 +485,30 @@ class CheckpointStore:
             return None
         return max(0.0, time.time() - mtime)
 
-    def remove_stale_temp_files(self, max_age_s: float = 600.0) -> list[Path]:
+    def remove_stale_temp_files(self, max_age_s: float = 600.0, any_name: bool = False) -> list[Path]:
         """Delete temp files left by a writer that died mid-save: its pid is gone, or the file is
-        older than ``max_age_s`` (containers reuse pids, e.g. pid 1, across restarts)."""
+        older than ``max_age_s`` (containers reuse pids, e.g. pid 1, across restarts). `any_name`:
+        those of every file of the directory (snapshots are named by offset), not this one's only.
+        On a directory several hosts share, a live pid of another host reads as gone: only files
+        older than ``max_age_s`` are removed then."""
         removed = []
         now = time.time()
         prefix = _temp_prefix(self.path)
         try:
             candidates = [p for p in self.directory.iterdir()
-                          if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+                          if p.name.startswith("." if any_name else prefix) and p.name.endswith(".tmp")]
         except OSError:
             return removed
         for p in candidates:
-            pid_text = p.name[len(prefix):].split(".", 1)[0]
+            pid_text = p.name[len(prefix):].split(".", 1)[0] if not any_name else p.name.rsplit(".", 3)[-3]
             if not pid_text.isdigit():
                 continue
             try:
                 fresh = now - p.stat().st_mtime < max_age_s
             except OSError:
                 continue
-            if fresh and _pid_alive(int(pid_text)):
-                continue  # possibly a save in progress
+            if fresh and (any_name or _pid_alive(int(pid_text))):
+                continue  # possibly a save in progress (any_name: maybe another host's)
             try:
                 p.unlink()
                 removed.append(p)

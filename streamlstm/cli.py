@@ -1,4 +1,4 @@
-"""Command line: ``streamlstm run | check-config | status | warmup | replay | evaluate | fit | demo``.
+"""Command line: ``streamlstm run | bridge | check-config | status | warmup | replay | evaluate | fit | demo``.
 
 Exit statuses and configuration errors: errors.py.
 """
@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the daemon (the systemd service's main process)")
     r.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML configuration")
+
+    b = sub.add_parser("bridge", help="forward the inputs' MQTT topics into the Kafka topic keyed by sensor id "
+                                      "(for source: kafka workers)")
+    b.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML configuration (mqtt, inputs, kafka)")
 
     c = sub.add_parser("check-config", help="validate a configuration file (prints OK or the problems)")
     c.add_argument("file", nargs="?", metavar="FILE")
@@ -82,6 +86,9 @@ def main(argv=None) -> int:
         if cmd == "run":
             from .daemon import run
             return run(args.config)
+        if cmd == "bridge":
+            from .bridge import run as bridge
+            return bridge(args.config)
         if cmd == "check-config":
             return _check_config(args)
         if cmd == "status":

@@ -50,9 +50,9 @@ from .topic_template import filter_matches, subscription_filter, template_proble
 
 __all__ = [
     "BackendConfig", "CheckpointConfig", "Config", "ConfigError", "DetectorConfig",
-    "GroupConfig", "HomeAssistantConfig", "InputConfig", "LoggingConfig", "MetricsConfig",
+    "GroupConfig", "HomeAssistantConfig", "InputConfig", "KafkaConfig", "LoggingConfig", "MetricsConfig",
     "ModelConfig", "MqttConfig", "OutputConfig", "PipelineConfig", "TlsConfig",
-    "describe_schema", "load_config", "loads_config", "parse_config", "parse_duration", "read_secret",
+    "describe_schema", "input_loop_problems", "load_config", "loads_config", "parse_config", "parse_duration", "read_secret",
     "section_problems",
 ]
 
@@ -140,6 +140,7 @@ def _section(cls, doc):
 # --------------------------------------------------------------------------- value checks
 
 CHANNELS = ("model", "seasonal", "range", "stuck")  # evidence an event names as what fired
+SOURCES = ("mqtt", "kafka")
 FORMATS = ("auto", "number", "json", "batch", "influx")
 TIMESTAMP_UNITS = ("s", "ms", "us", "ns", "iso")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -179,6 +180,23 @@ def _check_host(h: str) -> Optional[str]:
     # A URL ("mqtt://broker:1883") is the usual mistake; IPv6 addresses do contain ':'.
     if "/" in h or any(c.isspace() for c in h):
         return "must be a host name or address (no scheme, path or spaces; the port is a separate key)"
+    return None
+
+
+def _check_broker(b: str) -> Optional[str]:
+    host, sep, port = b.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or _check_host(host.strip("[]")):
+        return "expected host:port (no scheme), e.g. kafka-1:9092"
+    return None
+
+
+_KAFKA_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}\Z")
+
+
+def _check_kafka_name(name: str) -> Optional[str]:
+    # Kafka's own rule for topic names (group ids are freer, but the same rule keeps them boring).
+    if not _KAFKA_NAME.match(name) or name in (".", ".."):
+        return "must be 1-249 characters of letters, digits, '.', '_', '-'"
     return None
 
 
@@ -268,6 +286,46 @@ class MqttConfig:
                    f"got {_num(self.reconnect_min_delay_s)}")
         if self.password_file is not None and self.username is None:
             yield "password_file", ("password_file", "username"), "requires username"
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    brokers: tuple[str, ...] = _f(("localhost:9092",), _Spec("strlist", "bootstrap brokers, host:port",
+                                                             check=_check_broker))
+    topic: str = _str("streamlstm-readings", "topic of the readings, keyed by sensor id (partition count fixed for life)",
+                      check=_check_kafka_name)
+    group_id: str = _str("streamlstm", "consumer group: the workers sharing the topic's partitions", check=_check_kafka_name)
+    client_id: str = _str("streamlstm", "client id (broker logs, quotas)")
+    assignor: str = _choice("roundrobin", ("roundrobin", "range", "cooperative-sticky"),
+                            "partition assignment: roundrobin / range (eager: a rebalance revokes every partition, "
+                            "kept ones are not reloaded) or cooperative-sticky (only moved partitions)")
+    session_timeout_s: float = _float(45.0, "a worker silent this long loses its partitions (failover time)",
+                                      min=1, max=3600)
+    heartbeat_interval_s: float = _float(3.0, "heartbeat interval (below session_timeout_s / 3)", min=0.01, max=3600)
+    max_poll_interval_s: float = _float(300.0, "longest time between two polls before the worker is taken for stuck",
+                                        min=1, max=86400)
+    start_without_snapshot: str = _choice("earliest", ("earliest", "latest"),
+                                          "a partition without a snapshot starts at the oldest record kept or the next one")
+    snapshot_directory: str = _str("./partitions", "per-partition snapshots; one directory all workers share")
+    topic_header: str = _str("mqtt_topic", "record header holding the MQTT topic the inputs' templates match "
+                             "(a record without it: its key is matched)")
+    username: Optional[str] = _str(None, "SASL user name (null: no SASL)", nullable=True)
+    password_file: Optional[str] = _str(None, "file holding the SASL password", nullable=True)
+    sasl_mechanism: str = _choice("SCRAM-SHA-512", ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"), "SASL mechanism")
+    tls: TlsConfig = _section(TlsConfig, "TLS to the brokers")
+
+    def _problems(self):
+        if self.heartbeat_interval_s * 3 > self.session_timeout_s:
+            yield ("heartbeat_interval_s", ("heartbeat_interval_s", "session_timeout_s"),
+                   f"must be at most session_timeout_s / 3 ({_num(self.session_timeout_s / 3)}), "
+                   f"got {_num(self.heartbeat_interval_s)}")
+        if self.max_poll_interval_s < self.session_timeout_s:
+            yield ("max_poll_interval_s", ("max_poll_interval_s", "session_timeout_s"),
+                   f"must be >= session_timeout_s ({_num(self.session_timeout_s)}), got {_num(self.max_poll_interval_s)}")
+        if self.password_file is not None and self.username is None:
+            yield "password_file", ("password_file", "username"), "requires username"
+        if self.username is not None and self.password_file is None:
+            yield "username", ("username", "password_file"), "requires password_file"
 
 
 @dataclass(frozen=True)
@@ -514,7 +572,10 @@ def _default_groups() -> tuple[GroupConfig, ...]:
 
 @dataclass(frozen=True)
 class Config:
+    source: str = _choice("mqtt", SOURCES, "where readings come from: mqtt (the inputs' topics) or kafka (a "
+                          "topic keyed by sensor id, shared by a consumer group; docs/scaling.md)")
     mqtt: MqttConfig = _section(MqttConfig, "broker connection")
+    kafka: KafkaConfig = _section(KafkaConfig, "Kafka input (source: kafka) and the bridge's output")
     inputs: tuple[InputConfig, ...] = _f(None, _Spec("entries", "where readings come from", cls=InputConfig),
                                          factory=lambda: (InputConfig(),))
     model: ModelConfig = _section(ModelConfig, "model defaults (groups may override)")
@@ -1135,6 +1196,14 @@ def _check_topics(cfg: Config, errs: _Errors) -> None:
                 break
 
 
+def input_loop_problems(cfg: Config) -> list[tuple[str, str]]:
+    """[(key, reason)] where subscribing to the inputs' topics would read the daemon's own output
+    (the `streamlstm bridge` subscribes to them whatever `source` says)."""
+    errs = _Errors()
+    _check_topics(cfg, errs)
+    return errs.items
+
+
 def _parse(raw, source: Optional[str]) -> Config:
     errs = _Errors()
     values, _ = _parse_fields(Config, raw, "", errs, what="sections (mqtt, inputs, model, ...)")
@@ -1142,7 +1211,8 @@ def _parse(raw, source: Optional[str]) -> Config:
     values["groups"] = _parse_groups(groups.value if isinstance(groups, _Given) else None, "groups", errs,
                                      values["model"], values["detector"])
     cfg = Config(**values)
-    if not any(p.startswith(("inputs", "output")) for p, _ in errs.items):
+    # A Kafka worker subscribes to no input topic (the bridge checks its own: input_loop_problems).
+    if cfg.source == "mqtt" and not any(p.startswith(("inputs", "output")) for p, _ in errs.items):
         _check_topics(cfg, errs)
     if not any(p.startswith(("inputs", "groups")) for p, _ in errs.items):
         from .routing import check_routing

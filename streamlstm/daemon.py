@@ -14,6 +14,11 @@ Threads
   does not stall the worker); the final checkpoint at shutdown is written by the main thread.
 * main: start-up, signals (SIGTERM/SIGINT stop, SIGHUP reload), shutdown.
 
+`source: kafka` (kafka_source.py): a `KafkaSource` takes the queue's place and the worker polls
+it itself, so the consumer group's rebalance callbacks run between two batches and move
+per-partition state (partition_state.py); records go through the same `_on_message`, tokens are
+(partition, offset), MQTT carries the output only. docs/scaling.md.
+
 Backpressure and acks: the queue holds ``pipeline.queue_size`` readings (a payload without
 readings counts one), plus at most the one message read when it was last below that. While it is full the network thread reads no packet (`MqttIO` read gate): TCP flow
 control and the MQTT 5 Receive Maximum stop the broker, which keeps the rest queued in our
@@ -110,8 +115,15 @@ class Daemon:
         self.metrics_server = None
         self.mqtt = None
         self.detector = None
-        self.queue = ReadingQueue(config.pipeline.queue_size)
-        self.parser = PayloadParser(input_specs(config))
+        self.queue = ReadingQueue(config.pipeline.queue_size)  # source: kafka replaces it (_setup_kafka)
+        self._ack = None  # the source's ack: MqttIO.ack or KafkaSource.ack
+        self.partitions = None  # source: kafka: the owned partitions' state (partition_state.py)
+        # Readings without a timestamp get the arrival time; from Kafka, their record's timestamp.
+        self._reading_clock = time.time
+        if config.source == "kafka":
+            from .kafka_source import RecordClock
+            self._reading_clock = RecordClock()
+        self.parser = PayloadParser(input_specs(config), clock=self._reading_clock)
         self.store = CheckpointStore(config.checkpoint.directory)
         self.checkpointer: Optional[Checkpointer] = None
         self.output: Optional[BatchOutput] = None
@@ -143,14 +155,21 @@ class Daemon:
                                silent_after_s=m.silent_after_s)
         self.checkpointer = Checkpointer(self.store, self._snapshot, self.metrics, self.rlog)
         self.metrics.init_groups([g.name for g in cfg.groups])
+        if cfg.source == "kafka":
+            self._setup_kafka()
         self.metrics.track_queue(lambda: len(self.queue), self.queue.capacity)
-        self.metrics.track_checkpoint_age(self.checkpointer.age)
+        self.metrics.track_checkpoint_age(self.checkpointer.age if self.partitions is None else self.partitions.age)
         # Before anything slow: secrets and TLS files are checked here (ConfigError -> exit 2).
-        self.mqtt = MqttIO(cfg.mqtt, cfg.output.status_topic, self._subscriptions(self.parser), self._on_message,
+        mqtt_cfg = cfg.mqtt
+        if self.partitions is not None:  # output only, one client per worker (same id: they would evict each other)
+            mqtt_cfg = dataclasses.replace(cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-{self.partitions.worker}",
+                                           session_expiry_s=0)
+        self.mqtt = MqttIO(mqtt_cfg, cfg.output.status_topic, self._subscriptions(self.parser), self._on_message,
                            metrics=self.metrics, receive_maximum=cfg.pipeline.queue_size,
-                           read_gate=self.queue.wait_for_room,
+                           read_gate=self.queue.wait_for_room if self.partitions is None else None,
                            log_interval_s=cfg.logging.rejected_log_interval_s, on_connected=self._on_connected)
         self.output = BatchOutput(cfg, self.mqtt, self.metrics, self.rlog)
+        self._ack = self._ack or self.mqtt.ack
         if cfg.output.homeassistant.enabled and cfg.output.state_topic is None:
             log.info("Home Assistant discovery: per-sensor state on %s", state_topic(cfg.output))
         if m.enabled:
@@ -158,10 +177,16 @@ class Daemon:
             log.info("metrics on %s", self.metrics_server.url)
 
         self.notifier.status("loading models")
-        self.detector, outcome = restore_detector(cfg, self.store, build_detector)
+        if self.partitions is not None:  # state comes with the partitions the group assigns
+            self.detector, outcome = build_detector(cfg), None
+        else:
+            self.detector, outcome = restore_detector(cfg, self.store, build_detector)
         if outcome == MOVED_ASIDE:
             self.metrics.checkpoint_errors.inc()
-        if outcome == RESTORED:
+        if self.partitions is not None:
+            log.info("source kafka: topic %s, group %s, snapshots in %s", cfg.kafka.topic, cfg.kafka.group_id,
+                     self.partitions.store.root)
+        elif outcome == RESTORED:
             age = self.store.age_seconds()
             self.checkpointer.last_unix = None if age is None else time.time() - age
             log.info("checkpoint %s loaded: %d sensors", self.store.path, self.detector.sensor_count())
@@ -170,6 +195,20 @@ class Daemon:
         self._sync_sensor_gauges()
         self._backend_name = backend_name
         self.output.announced(n for g in self.detector.active.values() for n in g.names)
+
+    def _setup_kafka(self) -> None:
+        """source: kafka: a consumer-group member polled by the worker stands where the MQTT
+        queue stands; MQTT carries the output only."""
+        from .kafka_source import KafkaSource
+        from .partition_state import PartitionStates, SnapshotStore
+
+        cfg = self.config
+        store = SnapshotStore(cfg.kafka.snapshot_directory, cfg.kafka.topic)
+        self.partitions = PartitionStates(store, lambda: self.detector, lambda: self.config,
+                                          interval_s=cfg.checkpoint.interval_s, metrics=self.metrics)
+        self.queue = KafkaSource(cfg, self.partitions, self._on_message, self._reading_clock,
+                                 metrics=self.metrics, rlog=self.rlog)
+        self._ack = self.queue.ack
 
     def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT (or `request_stop`), shut down. Exit status."""
@@ -213,6 +252,8 @@ class Daemon:
     # --- network thread ---------------------------------------------------------------------
 
     def _subscriptions(self, parser) -> tuple:
+        if self.config.source == "kafka":
+            return ()  # readings come from Kafka; MQTT carries the output
         subs = parser.subscriptions
         if self.config.output.homeassistant.enabled:
             subs = subs + (birth_topic(self.config.output),)
@@ -289,7 +330,7 @@ class Daemon:
             if ping_every is not None and now - last_ping >= ping_every:
                 self.notifier.watchdog()  # only from here: a stuck worker stops the pings
                 last_ping = now
-            if now >= next_ckpt:
+            if now >= next_ckpt and self.partitions is None:  # kafka: KafkaSource snapshots per partition
                 self.checkpointer.save_async()
                 next_ckpt = now + self.config.checkpoint.interval_s
             if now >= next_status_file and not self.queue.closed:
@@ -319,7 +360,7 @@ class Daemon:
                               len(columns), type(exc).__name__, exc)
                 log.debug("traceback", exc_info=True)
         for token in filter(_not_none, map(_TOKEN, entries)):
-            self.mqtt.ack(token)
+            self._ack(token)
 
     def _process(self, columns) -> None:
         batch = self.detector.process(columns)
@@ -356,7 +397,7 @@ class Daemon:
             log.warning("reload: changes to %s need a restart; keeping the running values", ", ".join(ignored))
         new = keep_restart_only(old, new)
         try:
-            parser = PayloadParser(input_specs(new))
+            parser = PayloadParser(input_specs(new), clock=self._reading_clock)
         except ValueError as exc:
             log.error("reload refused: inputs: %s; keeping the running configuration", exc)
             self.notifier.ready(self._status_text())
@@ -421,6 +462,11 @@ class Daemon:
                 status = EXIT_FAILURE
         if self._fatal:
             log.error("no final checkpoint: %s (the last periodic one stays)", self._fatal)
+        elif self.partitions is not None:  # leaving the consumer group snapshotted every owned partition
+            if not self.queue.closed:
+                log.error("the worker did not leave the consumer group: no partition snapshot at shutdown "
+                          "(the periodic ones stay)")
+                status = EXIT_FAILURE
         elif self._worker is None or not self._worker.is_alive():
             self.notifier.status("stopping: final checkpoint")
             if self.checkpointer.save_final():

@@ -5,8 +5,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import uuid
 
-__all__ = ["event_message", "format_time", "state_message"]
+__all__ = ["event_id", "event_message", "format_time", "state_message"]
+
+# Namespace of event ids (uuid5): a fixed value, so every worker and every replay agrees.
+_EVENT_NAMESPACE = uuid.UUID("5f0e4c1a-7b2d-5d8e-9a63-2c1f4b8e6d70")
 
 
 def format_time(ts) -> str:
@@ -30,17 +34,27 @@ def _values(seq):
     return vals[0] if len(vals) == 1 else vals
 
 
+def event_id(sensor: str, reading_time: float, kind: str) -> str:
+    """A deterministic id of an event: the same sensor, reading time and kind give the same id,
+    so a consumer drops the duplicates that at-least-once delivery and a replay from a snapshot
+    (source: kafka) produce."""
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{sensor}\x00{float(reading_time)!r}\x00{kind}"))
+
+
 def event_message(kind: str, incident) -> bytes:
     """JSON of one event. value/prediction/residual/score are those of the reading that opened
     the incident; end is null while it is open.
 
     The detector reports both events of an incident with the same (mutable) Incident, which
     may already be closed when its "anomaly" event is published (both in one batch): an
-    "anomaly" event therefore shows the incident as it was when it opened.
+    "anomaly" event therefore shows the incident as it was when it opened. `event_id`: from the
+    sensor, the time of the reading that opened (anomaly) or closed (resolved) it, and the kind.
     """
     opening = kind == "anomaly"
+    at = incident.timestamp if opening or incident.end is None else incident.end
     return json.dumps({
         "event": kind,
+        "event_id": event_id(incident.sensor, at, kind),
         "sensor": incident.sensor,
         "group": incident.group,
         "start": _num(incident.start),

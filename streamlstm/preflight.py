@@ -4,7 +4,8 @@
 `check-config` does not fail at service start on a file: secrets readable (and not empty where a
 password is required), the broker's CA / client certificate and key present and loadable (with
 their password), the metrics TLS certificate and basic-auth secret, and a writable checkpoint
-directory (or one that can be created). Connecting to the broker is the one thing left out.
+directory (or one that can be created); with `source: kafka` also confluent-kafka, the Kafka
+secrets and TLS files and the snapshot directory. Connecting to the broker is the one thing left out.
 
 The checks reuse the code `run` uses to load these files (`MqttIO._set_tls`, the metrics
 server's TLS context, `read_secret`), so both report the same key path and reason.
@@ -65,6 +66,11 @@ def preflight(config, env=None, *, notes=None):
             from .metrics import _ssl_context
             attempt(_ssl_context, m)
     attempt(_check_directory, checked.checkpoint.directory, "checkpoint.directory")
+    if checked.source == "kafka":
+        from .kafka_source import client_settings, require_kafka
+        attempt(require_kafka)
+        attempt(client_settings, checked.kafka)  # reads the SASL / key password secrets, checks TLS files
+        attempt(_check_directory, checked.kafka.snapshot_directory, "kafka.snapshot_directory")
     if errors:
         raise ConfigError("", errors=errors)
     return checked

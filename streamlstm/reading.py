@@ -52,7 +52,7 @@ class Chunk:
 
     @property
     def width(self) -> int:
-        return _block(self.values).shape[1]
+        return block_of(self.values).shape[1]
 
     def split(self, k: int) -> tuple["Chunk", "Chunk"]:
         """The first k readings and the rest (views, no copies)."""
@@ -62,12 +62,12 @@ class Chunk:
     def readings(self) -> list:
         """As `Reading`s (tests, tools): Python floats, as the parser gave them before chunks."""
         return [Reading(s, t, tuple(v)) for s, t, v in
-                zip(self.sensors, np.asarray(self.timestamps, dtype=np.float64).tolist(), _block(self.values).tolist())]
+                zip(self.sensors, np.asarray(self.timestamps, dtype=np.float64).tolist(), block_of(self.values).tolist())]
 
     def __eq__(self, other):
         if not isinstance(other, Chunk):
             return NotImplemented
-        mine, theirs = _block(self.values), _block(other.values)
+        mine, theirs = block_of(self.values), block_of(other.values)
         return (self.sensors == other.sensors and np.array_equal(self.timestamps, other.timestamps)
                 and mine.shape == theirs.shape and np.array_equal(mine, theirs))
 
@@ -129,10 +129,10 @@ def concat(chunks: list) -> Columns:
             values = np.fromiter(chain.from_iterable(rows), np.float64, n * w).reshape(n, w)
             return Columns(sensors, timestamps, values, np.full(n, w, dtype=np.int64))
     timestamps = np.concatenate(stamps).astype(np.float64, copy=False)
-    return _joined(sensors, timestamps, list(map(_block, map(_VALUES, chunks))))
+    return _joined(sensors, timestamps, list(map(block_of, map(_VALUES, chunks))))
 
 
-def _block(values) -> np.ndarray:
+def block_of(values) -> np.ndarray:
     """A chunk's values as an (n, w) array (a one-reading chunk holds a list of one tuple)."""
     return values if type(values) is np.ndarray else np.array(values, dtype=np.float64).reshape(len(values), -1)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["CODE", "CODES", "PARSER_REASONS", "REJECTION_REASONS"]
 
-_PARSER, _DETECTOR = "parser", "detector"
+_PARSER, _DETECTOR, _KAFKA = "parser", "detector", "kafka_source"
 
 # reason -> who rejects with it (payload.PayloadParser, detector.Detector), in export order.
 _BY = {
@@ -23,6 +23,7 @@ _BY = {
     "bad_line_protocol": (_PARSER,),
     "bad_sensor_id": (_PARSER,),
     "clock_skew": (_DETECTOR,),
+    "partition_conflict": (_KAFKA,),       # a sensor in two partitions of one worker (topic not keyed by id)
 }
 
 REJECTION_REASONS = tuple(_BY)

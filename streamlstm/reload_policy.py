@@ -9,7 +9,7 @@ from .spec import ModelSpec
 __all__ = ["RESTART_ONLY", "ReloadRefused", "check_shapes", "keep_restart_only", "restart_only_changes"]
 
 # Changing these needs a restart; a reload keeps the running values.
-RESTART_ONLY = ("mqtt", "metrics", "backend", "pipeline.queue_size", "checkpoint.directory")
+RESTART_ONLY = ("source", "mqtt", "kafka", "metrics", "backend", "pipeline.queue_size", "checkpoint.directory")
 
 
 class ReloadRefused(Exception):
@@ -30,7 +30,8 @@ def restart_only_changes(old, new) -> list:
 
 def keep_restart_only(old, new):
     """`new` with the RESTART_ONLY values of `old`."""
-    new = dataclasses.replace(new, mqtt=old.mqtt, metrics=old.metrics, backend=old.backend)
+    new = dataclasses.replace(new, source=old.source, mqtt=old.mqtt, kafka=old.kafka, metrics=old.metrics,
+                              backend=old.backend)
     new = dataclasses.replace(new, pipeline=dataclasses.replace(new.pipeline, queue_size=old.pipeline.queue_size))
     return dataclasses.replace(new, checkpoint=dataclasses.replace(new.checkpoint, directory=old.checkpoint.directory))
 

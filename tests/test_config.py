@@ -81,14 +81,14 @@ def test_example_documents_every_key():
 def test_example_choice_comments_match_schema():
     # Comments like "# adam | sgd" must list exactly the accepted choices.
     choices = {}
-    for cls in (C.MqttConfig, C.InputConfig, ModelConfig, DetectorConfig, GroupConfig, C.BackendConfig,
+    for cls in (C.Config, C.KafkaConfig, C.MqttConfig, C.InputConfig, ModelConfig, DetectorConfig, GroupConfig, C.BackendConfig,
                 C.LoggingConfig):
         for f in dataclasses.fields(cls):
             if f.metadata["spec"].kind == "choice":
                 choices[f.name] = set(f.metadata["spec"].choices)
     seen = set()
     for line in EXAMPLE.read_text().splitlines():
-        m = re.match(r"\s*(?:- )?(\w+):.*?#\s*([\w.]+(?:\s*\|\s*[\w.]+)+)", line)
+        m = re.match(r"\s*(?:- )?(\w+):.*?#\s*([\w.-]+(?:\s*\|\s*[\w.-]+)+)", line)
         if m:
             key, listed = m.group(1), {w.strip() for w in m.group(2).split("|")}
             assert choices.get(key) == listed, (key, listed)
@@ -674,3 +674,56 @@ def test_fuzz_example_with_replaced_values(replacements):
         except (KeyError, IndexError, TypeError):
             continue  # an earlier replacement removed this path
     _assert_only_config_error(parse_config, raw)
+
+
+# --------------------------------------------------------------------------- source: kafka
+
+def test_kafka_keys_are_checked_with_their_paths():
+    lines = errors_of({"source": "kafka", "kafka": {
+        "brokers": ["kafka://k:9092", "k"], "topic": "a topic", "heartbeat_interval_s": 20,
+        "max_poll_interval_s": 10, "password_file": "/run/pw", "assignor": "sticky"}})
+    assert lines == [
+        "kafka.brokers[0]: expected host:port (no scheme), e.g. kafka-1:9092, got 'kafka://k:9092'",
+        "kafka.brokers[1]: expected host:port (no scheme), e.g. kafka-1:9092, got 'k'",
+        "kafka.topic: must be 1-249 characters of letters, digits, '.', '_', '-', got 'a topic'",
+        "kafka.assignor: expected one of 'roundrobin', 'range', 'cooperative-sticky', got 'sticky'",
+        "kafka.heartbeat_interval_s: must be at most session_timeout_s / 3 (15), got 20",
+        "kafka.max_poll_interval_s: must be >= session_timeout_s (45), got 10",
+        "kafka.password_file: requires username",
+    ]
+    assert one_error({"source": "queue"}).startswith("source: expected one of 'mqtt', 'kafka'")
+
+
+def test_a_kafka_worker_may_match_any_key_but_the_bridge_may_not_read_its_own_output():
+    # {sensor+} subscribes to '#', which also matches the events topic: fine for a worker (it
+    # subscribes to no input topic), refused for the bridge (it does).
+    cfg = parse_config({"source": "kafka", "inputs": [{"topic": "{sensor+}"}]})
+    assert [p for p, _ in C.input_loop_problems(cfg)] == ["output.events_topic", "output.status_topic"]
+    assert errors_of({"inputs": [{"topic": "{sensor+}"}]})[0].startswith("output.events_topic:")
+
+
+def test_source_kafka_without_confluent_kafka_is_a_configuration_error(monkeypatch, tmp_path):
+    import sys
+
+    from streamlstm.preflight import preflight
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # import fails as if not installed
+    cfg = parse_config({"source": "kafka", "checkpoint": {"directory": str(tmp_path / "s")},
+                        "kafka": {"snapshot_directory": str(tmp_path / "p")}})
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg)
+    assert info.value.path == "source" and "pip install 'streamlstm[kafka]'" in info.value.reason
+    preflight(parse_config({"checkpoint": {"directory": str(tmp_path / "s")}}))  # mqtt: not needed
+
+
+def test_kafka_secrets_are_read_like_the_mqtt_ones(tmp_path):
+    pytest.importorskip("confluent_kafka")
+    from streamlstm.kafka_source import client_settings
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    cfg = parse_config({"kafka": {"username": "u", "password_file": str(pw), "tls": {"enabled": True}}})
+    settings = client_settings(cfg.kafka)
+    assert settings["security.protocol"] == "sasl_ssl" and settings["sasl.password"] == "s3cret"
+    missing = parse_config({"kafka": {"tls": {"enabled": True, "ca_file": str(tmp_path / "nope.pem")}}})
+    with pytest.raises(ConfigError) as info:
+        client_settings(missing.kafka)
+    assert info.value.path == "kafka.tls.ca_file"

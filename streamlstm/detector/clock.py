@@ -28,6 +28,8 @@ class ClockGuard:
     0: none) and `prev` (the timestamp of the last of them); arrays, so the compiled pass
     (compiled.py) keeps the very same state."""
 
+    STATE = ("run", "prev")  # checkpointed: a run behind the last timestamp survives a restart or a move
+
     def __init__(self, max_skew_s: float, jump_readings: int, now: Callable[[], float] = time.time):
         self.max_skew_s = float(max_skew_s)
         self.jump_readings = int(jump_readings)

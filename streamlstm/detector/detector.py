@@ -17,6 +17,7 @@ from ..reading import Columns, Reading
 from ..reasons import CODE, CODES
 from ..spec import ModelSpec
 from .group import OK, BatchResult, GroupDetector
+from .transfer import join, take_rows
 
 __all__ = ["Detector", "DetectorBatch", "GroupConfig", "Outcome"]
 
@@ -257,6 +258,71 @@ class Detector:
             arrays.update({f"{name}/{k}": v for k, v in a.items()})
             meta["groups"][name] = m
         return arrays, meta
+
+    # --- sensors moving between detectors (a Kafka partition changing worker) -----------
+
+    def export_sensors(self, names) -> tuple[dict, dict]:
+        """The state of those of `names` this detector knows, in `state_dict`'s format (copies;
+        a shared group's weights come along whole)."""
+        arrays, meta = {}, {"groups": {}}
+        for name, det in self.active.items():
+            rows = [det.sensors[n] for n in names if n in det.sensors]
+            if rows:
+                a, m = det.state_dict(rows)
+                arrays.update({f"{name}/{k}": v for k, v in a.items()})
+                meta["groups"][name] = m
+        return arrays, meta
+
+    def drop_sensors(self, names) -> None:
+        """Forget these sensors (their state went elsewhere); the others keep theirs."""
+        for name, det in list(self.active.items()):
+            gone = {det.sensors[n] for n in names if n in det.sensors}
+            if gone:
+                keep = [slot for slot in range(len(det.names)) if slot not in gone]
+                self._replace_group(name, det.state_dict(keep))
+
+    def adopt_sensors(self, states) -> list:
+        """Take over sensors other detectors exported: `states`, a list of `export_sensors`
+        (or `state_dict`) results, joined into each group in one rebuild. Groups no longer
+        configured are skipped (their sensors start fresh); a sensor this detector already
+        knows, or that an earlier state of the list brought, keeps that state. ValueError when
+        a group's model shape changed. Returns the ids taken over."""
+        by_name = {g.name: g for g in self.groups}
+        per_group: dict[str, list] = {}
+        for arrays, meta in states:
+            for name, m in meta["groups"].items():
+                if name in by_name:
+                    prefix = f"{name}/"
+                    incoming = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+                    _check_per_sensor_shapes(name, incoming, m)
+                    per_group.setdefault(name, []).append((incoming, m))
+        taken = []
+        for name, incoming in per_group.items():
+            det = self.active.get(name)
+            if det is not None and (list(incoming[0][1]["shape"]) != list(det.spec.shape_key())
+                                    or bool(incoming[0][1]["shared"]) != det.shared):
+                raise ValueError(f"group {name!r}: model shape {incoming[0][1]['shape']} does not match the running one")
+            parts = [] if det is None else [det.state_dict()]
+            known = set() if det is None else set(det.sensors)
+            for arrays, m in incoming:
+                new = [i for i, s in enumerate(m["sensors"]) if s not in known]
+                if new:
+                    part = (arrays, m) if len(new) == len(m["sensors"]) else take_rows(arrays, m, new)
+                    parts.append(part)
+                    known.update(part[1]["sensors"])
+                    taken.extend(part[1]["sensors"])
+            if det is None and parts:
+                self.active[name] = self._new_group(by_name[name], int(parts[0][1]["shape"][0]))
+            if len(parts) > (0 if det is None else 1):
+                self._replace_group(name, join(parts))
+        return taken
+
+    def _replace_group(self, name: str, state: tuple) -> None:
+        """A fresh GroupDetector of group `name` holding `state` (slots renumbered from 0)."""
+        group = next(g for g in self.groups if g.name == name)
+        det = self._new_group(group, int(state[1]["shape"][0]))
+        det.load_state_dict(*state)
+        self.active[name] = det
 
     def load_state_dict(self, arrays: dict, meta: dict):
         """Restore groups still in the config; raises ValueError on a model-shape change."""

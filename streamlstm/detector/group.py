@@ -22,6 +22,7 @@ from .scaling import FixedScaler, RunningScaler
 from .scores import (HALF_L, DynamicScorer, KSigmaScorer, LikelihoodScorer, PeakReference, RowStore, StuckScorer,
                      log10_tail_to_score, score_to_log10)
 from .seasonal import SeasonalProfiles
+from .transfer import take_rows
 from .settings import CHANNELS, DetectorSettings
 
 OK = ""
@@ -137,7 +138,7 @@ class GroupDetector:
     def slot_of(self, sensor: str) -> int:
         slot = self.sensors.get(sensor)
         if slot is None:
-            slot = self.bank.add_slot()
+            slot = self.bank.add_slot(sensor)  # per-sensor weights: an init keyed by the id
             self.sensors[sensor] = slot
             self.names.append(sensor)
             n = slot + 1
@@ -476,32 +477,36 @@ class GroupDetector:
 
     def _stateful(self):
         yield from (("scaler", self.scaler), ("scorer", self.scorer), ("range_scorer", self.range_scorer),
-                    ("incidents", self.incidents), ("stuck", self.stuck))
+                    ("incidents", self.incidents), ("stuck", self.stuck), ("clock", self.clock))
         # Keyed by period so a config with other periods does not inherit the wrong baselines.
         for period, scorer in zip(self.settings.seasonal_periods, self.season_scorers):
             yield f"season_scorer.{period}", scorer
         for name, peak in self.peaks.items():
             yield f"peak.{name}", peak
 
-    def state_dict(self) -> tuple[dict, dict]:
+    def state_dict(self, rows=None) -> tuple[dict, dict]:
+        """(arrays, meta) of every sensor, or of the sensors in slots `rows` (in that order:
+        what moves with them to another detector; detector/transfer.py)."""
         n = len(self.names)
-        arrays = {f"bank.{k}": v for k, v in self.bank.state_dict().items()}
+        arrays = {f"bank.{k}": v for k, v in self.bank.state_dict(copy=False).items()}
         for prefix, obj in self._stateful():
             for name in getattr(obj, "STATE", ()):
-                arrays[f"{prefix}.{name}"] = getattr(obj, name)[:n].copy()
+                arrays[f"{prefix}.{name}"] = getattr(obj, name)[:n]
         if self.seasonal is not None:
-            arrays.update({f"seasonal.{k}": v for k, v in self.seasonal.state_dict(n).items()})
-        arrays["last_ts"] = self.last_ts[:n].copy()
-        arrays["interval"] = self.interval[:n].copy()
-        arrays["seen"] = self.seen[:n].copy()
-        arrays["alert_peak"] = self.alert_peak[:n].copy()
+            arrays.update({f"seasonal.{k}": v for k, v in self.seasonal.state_dict(n, copy=False).items()})
+        arrays["last_ts"] = self.last_ts[:n]
+        arrays["interval"] = self.interval[:n]
+        arrays["seen"] = self.seen[:n]
+        arrays["alert_peak"] = self.alert_peak[:n]
         meta = {
             "sensors": list(self.names),
             "shape": list(self.spec.shape_key()),
             "shared": self.shared,
             "open": {str(k): v.as_dict() for k, v in self.open.items()},
         }
-        return arrays, meta
+        if rows is not None:
+            return take_rows(arrays, meta, rows)
+        return {k: v.copy() for k, v in arrays.items()}, meta
 
     def load_state_dict(self, arrays: dict, meta: dict):
         if list(meta["shape"]) != list(self.spec.shape_key()) or meta["shared"] != self.shared:

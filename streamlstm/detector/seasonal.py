@@ -109,11 +109,10 @@ class SeasonalProfiles:
         self.bin_width[slot, k] = self.periods[k] / nb
         self.used += nb
 
-    def state_dict(self, n: int) -> dict:
-        return {
-            "start": self.start[:n].copy(), "offset": self.offset[:n].copy(), "bins": self.bins[:n].copy(),
-            "bin_width": self.bin_width[:n].copy(), "pool": self.pool[: self.used].copy(), "periods": self.periods.copy(),
-        }
+    def state_dict(self, n: int, copy: bool = True) -> dict:
+        arrays = {"start": self.start[:n], "offset": self.offset[:n], "bins": self.bins[:n],
+                  "bin_width": self.bin_width[:n], "pool": self.pool[: self.used], "periods": self.periods}
+        return {k: v.copy() for k, v in arrays.items()} if copy else arrays
 
     def load_state_dict(self, arrays: dict, n: int):
         """Restore; a checkpoint made with other periods or widths starts the profiles afresh."""
