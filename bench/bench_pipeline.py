@@ -57,6 +57,7 @@ def _daemon(hidden: int, workdir: str) -> Daemon:
     d.metrics = Metrics(d.registry, version="bench", backend="cpu")
     d.metrics.init_groups([g.name for g in cfg.groups])
     d.mqtt = _Mqtt()
+    d._ack = d.mqtt.ack  # what Daemon._setup picks for source: mqtt
     d.output = BatchOutput(cfg, d.mqtt, d.metrics, d.rlog)
     d.detector = build_detector(cfg)
     return d
