@@ -156,7 +156,7 @@ class PartitionStates:
         self.parked: dict[int, _Partition] = {}
         self.owner: dict[str, int] = {}  # sensor -> its partition (owned or parked)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snapshot")
-        self._pending: Optional[tuple] = None  # (partition, state, next_offset, future) being written
+        self._pending: Optional[tuple] = None  # (partition, _Partition, next_offset, future) being written
 
     # --- records ------------------------------------------------------------------------
 
@@ -237,6 +237,7 @@ class PartitionStates:
         """Snapshot `partitions` (the batch in hand is done), then drop their state, or keep it
         aside until the next assignment (`park`: eager rebalancing)."""
         self._collect(wait=True)
+        dropped = {}
         for p in sorted(partitions):
             part = self.owned.pop(p, None)
             if part is None:
@@ -247,7 +248,8 @@ class PartitionStates:
             if park:
                 self.parked[p] = part
             else:
-                self._forget({p: part})
+                dropped[p] = part
+        self._forget(dropped)  # one rebuild of the detector's groups for all of them
 
     def lose(self, partitions) -> None:
         """The session expired: another worker may own `partitions` already. Write nothing."""

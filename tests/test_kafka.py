@@ -250,8 +250,7 @@ def test_three_workers_join_leave_crash_and_state_equals_one_process(mosquitto, 
     assert all(off is not None and off < log.ends[p] for p, off in resumed.items()), (resumed, log.ends)
 
     # --- the state: bit for bit what one process reading the same log computes -------------
-    from streamlstm.factory import build_detector as build
-    merged = build(parse_config(configs["a"]))
+    merged = build_detector(parse_config(configs["a"]))
     merged.adopt_sensors(list(final.values()))
     reference = single_process_state(configs["a"], records)
     names = sorted(merged.active["ps"].sensors)
