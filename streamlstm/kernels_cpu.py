@@ -185,7 +185,8 @@ def _train_range(
 
 @register_jitable
 def shared_update(theta, m, v, adam_t, hp, ip, acc, count, mean):
-    """Mean of the accumulated per-sensor gradients -> one shared update (mean: scratch (P,))."""
+    """Mean of the accumulated per-sensor gradients -> one shared update (mean: scratch (P,));
+    clears the sums it consumed (acc rows, counts)."""
     total = 0
     for ch in range(count.shape[0]):
         total += count[ch]
@@ -203,14 +204,16 @@ def shared_update(theta, m, v, adam_t, hp, ip, acc, count, mean):
     step = adam_t[0] + 1
     if apply_update(theta[0], m[0], v[0], mean, step, hp[HP_LR], hp, ip[IP_OPTIMIZER]):
         adam_t[0] = step
+    for ch in range(acc.shape[0]):
+        count[ch] = 0
+        for k in range(P):
+            acc[ch, k] = 0.0
 
 
 @njit(**_JIT)
 def apply_shared(theta, m, v, adam_t, hp, ip, acc, count):
     """The pending shared update: mean of acc (1, P) over count[0] gradients; clears both."""
     shared_update(theta, m, v, adam_t, hp, ip, acc, count, np.empty(theta.shape[1], dtype=theta.dtype))
-    acc[0] = 0.0
-    count[0] = 0
 
 
 @njit(**_JIT)

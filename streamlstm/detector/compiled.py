@@ -677,9 +677,6 @@ def _segment_update(st, acc, count, mean, apply):
             count[ch] = 0
     if apply:
         shared_update(st.theta, st.m, st.v, st.adam_t, st.hp, st.ip, st.grad_sum, st.grad_count, mean)
-        for k in range(P):
-            st.grad_sum[0, k] = 0.0
-        st.grad_count[0] = 0
 
 
 @njit(**_PASS)
