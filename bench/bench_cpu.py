@@ -9,7 +9,7 @@ Measures (ratios are torch time / our time, > 1 means we are faster):
   batched forward, shared weights, B in {64, 1024, 10000}, H=64   vs LSTMCell on the batch,
       with GFLOP/s next to this machine's sgemm peak measured in the same run: the blocked
       (GEMM-shaped, lstm_block) path the bank uses, and the per-sensor path it replaced;
-      the four timed round robin (medians and best rounds)
+      the four timed in turns (medians and best rounds)
   JIT compile time of the batched forward kernels (serial + prange driver, float32), cold:
       the per-sensor kernels against the shared-weight block kernels, fresh processes
   per-sensor weights, B=10000, H=64              vs torch.baddbmm, with GB/s next to memory bandwidth
@@ -57,24 +57,31 @@ def _calls_for(fn, min_time):
     return max(1, int(n * min_time / 4 / dt * 4))
 
 
-def round_robin_times(fns, repeat=9, min_time=0.2):
-    """{name: per-call times of `repeat` rounds}; each round times every fn in turn, so that the
-    load other jobs put on the shared VM falls on all of them alike."""
+def round_robin_times(fns, repeat=9, min_time=0.2, passes=3):
+    """{name: per-call times of `repeat` rounds}. The rounds come in `passes` passes over the fns,
+    so that the load other jobs put on the shared VM falls on all of them alike; within a pass
+    each fn runs its rounds back to back after a pause and a warm-up call (OpenMP and OpenBLAS
+    workers spin for a while after a parallel region: Numba's, PyTorch's and OpenBLAS's threads
+    would otherwise compete for the two CPUs right after each switch)."""
     calls = {name: _calls_for(fn, min_time) for name, fn in fns.items()}
     times = {name: [] for name in fns}
-    for _ in range(repeat):
+    per_pass = [repeat // passes + (p < repeat % passes) for p in range(passes)]
+    for rounds in per_pass:
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            times[name].append((time.perf_counter() - t0) / calls[name])
+            time.sleep(0.05)
+            fn()
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for _ in range(calls[name]):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / calls[name])
     return times
 
 
 def call_time(fn, repeat=7, min_time=0.2, stat=np.median):
     """Per-call time: `stat` (median by default: the VM is shared and noisy) over `repeat`
     rounds of enough calls to last `min_time`."""
-    return float(stat(round_robin_times({"fn": fn}, repeat, min_time)["fn"]))
+    return float(stat(round_robin_times({"fn": fn}, repeat, min_time, passes=1)["fn"]))
 
 
 def try_torch(threads):
@@ -172,7 +179,7 @@ def memory_bandwidth():
 
 def bench_batched(torch, rng, out, threads, H=64):
     """Shared-weight batched forward: the blocked path (what the bank runs), the per-sensor path
-    it replaced, PyTorch's LSTMCell + Linear and an sgemm, timed round robin. Reports medians
+    it replaced, PyTorch's LSTMCell + Linear and an sgemm, timed in turns. Reports medians
     over the rounds (ours_us, torch_us, ratio, pct_of_peak) and the best rounds (*_best)."""
     gemm, gemm_flops = sgemm_product()
     for B in (64, 1024, 10000):
