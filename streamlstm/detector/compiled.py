@@ -618,7 +618,7 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, wk):
 
 # --- walks -----------------------------------------------------------------------------------
 # Entry points compile without reference counting (_nrt=False): nothing below allocates.
-_PASS = dict(cache=True, nogil=True, _nrt=False)
+_PASS = dict(cache=True, nogil=True, _nrt=False, error_model="numpy")
 
 
 @njit(**_PASS)
