@@ -134,6 +134,7 @@ def _scratch(T, I, O, L, H, P, dtype_like):
         np.empty((T, I), dtype=dt),
         np.empty((T, O), dtype=dt),
         np.empty((T, L, 5, H), dtype=dt),
+        np.empty((T, L, 4 * H), dtype=dt),
         np.empty((T + 1, L, H), dtype=dt),
         np.empty((T + 1, L, H), dtype=dt),
         np.ones((T, L, H), dtype=dt),
@@ -156,7 +157,7 @@ def _train_range(
     H = ring_h.shape[3]
     P = theta.shape[1]
     O = offs[L, 2] - offs[L, 1]
-    xs, tg, acts, hs, cs, masks, rec, bufs, grad, wt = _scratch(T, I, O, L, H, P, theta)
+    xs, tg, acts, das, hs, cs, masks, rec, bufs, grad, wt = _scratch(T, I, O, L, H, P, theta)
     for b in range(lo, hi):
         s = slots[b]
         n = ring_len[s]
@@ -167,7 +168,7 @@ def _train_range(
         step = adam_t[row] + 1
         losses[b] = window_grad(
             theta[row], offs, hp, ip, step, s, ring_x, ring_h, ring_c, ring_pos[s], n, x[b], grad,
-            xs, tg, acts, hs, cs, masks, rec, bufs, wt,
+            xs, tg, acts, das, hs, cs, masks, rec, bufs, wt,
         )
         if shared:
             if not all_finite(grad):

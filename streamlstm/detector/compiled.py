@@ -62,8 +62,8 @@ State = collections.namedtuple("State", [
 
 # Scratch of one thread (allocated in Python: the kernels run without Numba's reference counting,
 # which cost more than the detector's own arithmetic, so they must not allocate)
-Work = collections.namedtuple("Work", ["xs", "tg", "acts", "hs", "cs", "masks", "rec", "bufs", "grad", "gates", "buf",
-                                       "season", "acc", "count", "mean", "wt"])
+Work = collections.namedtuple("Work", ["xs", "tg", "acts", "das", "hs", "cs", "masks", "rec", "bufs", "grad", "gates",
+                                       "buf", "season", "acc", "count", "mean", "wt"])
 
 
 def make_work(st, accumulators: int = 1) -> Work:
@@ -73,7 +73,8 @@ def make_work(st, accumulators: int = 1) -> Work:
     O = st.pred.shape[1]
     dt = st.theta.dtype
     return Work(
-        np.empty((T, I), dt), np.empty((T, O), dt), np.empty((T, L, 5, H), dt), np.empty((T + 1, L, H), dt),
+        np.empty((T, I), dt), np.empty((T, O), dt), np.empty((T, L, 5, H), dt), np.empty((T, L, 4 * H), dt),
+        np.empty((T + 1, L, H), dt),
         np.empty((T + 1, L, H), dt), np.ones((T, L, H), dt), np.empty((2, L, H), dt), np.empty((5, max(4 * H, I)), dt),
         np.empty(P, dt), np.empty(4 * H, dt), np.empty(max(H, I), dt), np.empty(max(st.se_periods.shape[0], 1)),
         np.zeros((accumulators, P), dt), np.zeros(accumulators, np.int64),
@@ -473,7 +474,7 @@ def train_reading(b, s, st, rw, ip, wk, ch):
     step = st.adam_t[row] + 1
     rw.loss[b] = window_grad(
         st.theta[row], st.offs, st.hp, st.ip, step, s, st.ring_x, st.ring_h, st.ring_c, st.ring_pos[s], n, rw.z[b],
-        grad, wk.xs, wk.tg, wk.acts, wk.hs, wk.cs, wk.masks, wk.rec, wk.bufs, wk.wt,
+        grad, wk.xs, wk.tg, wk.acts, wk.das, wk.hs, wk.cs, wk.masks, wk.rec, wk.bufs, wk.wt,
     )
     if shared:
         if not all_finite(grad):
