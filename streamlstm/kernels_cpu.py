@@ -12,9 +12,9 @@ The per-chunk workers are jitted functions of their own, so the `prange` drivers
 compile a thin loop around them (a parallel compile of the whole body cost seconds more).
 
 All kernels: cache=True (fill the cache with `streamlstm warmup`), nogil=True so the
-MQTT and HTTP threads keep running, no fastmath (inputs may be extreme; NaN checks matter).
-The shared forward's worker adds error_model="numpy" (no divide-by-zero exception checks: they
-keep the activation loops scalar; its divisions cannot divide by zero, see lstm_block).
+MQTT and HTTP threads keep running, no fastmath (inputs may be extreme; NaN checks matter),
+error_model="numpy": no divide-by-zero exception checks, which keep the activation loops scalar
+(measured: the training window 20% slower without it); their divisions are guarded or by counts >= 1.
 """
 import numpy as np
 from numba import njit, prange
@@ -31,7 +31,7 @@ from .lstm_math import (
     window_grad,
 )
 
-_JIT = dict(cache=True, nogil=True)
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
 # --- forward -------------------------------------------------------------------------

@@ -619,6 +619,9 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, wk):
 
 # --- walks -----------------------------------------------------------------------------------
 # Entry points compile without reference counting (_nrt=False): nothing below allocates.
+# error_model="numpy": no divide-by-zero exception checks, which keep the activations' loops
+# scalar (replay of one series measured 77k -> 97k readings/s); every division here is guarded
+# (scales have floors, counts are >= 1), and a zero would give inf/NaN, which the pass checks.
 _PASS = dict(cache=True, nogil=True, _nrt=False, error_model="numpy")
 
 
