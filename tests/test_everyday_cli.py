@@ -166,3 +166,28 @@ def test_replay_reports_progress_when_stderr_is_a_pipe(tmp_path):
     r = cli("replay", str(csv), "--no-plot", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "replay s.csv: 300/300 (100%)" in r.stderr
+
+
+@pytest.mark.parametrize("stamps, expected", [
+    (["2014-04-01 00:00:00", "2014-04-01 00:05:00"], [1396310400.0, 1396310700.0]),  # NAB
+    (["2014-04-01T00:00:00.5"], [1396310400.5]),
+    (["1500000000", "1500000300"], [1.5e9, 1500000300.0]),  # epoch seconds, not years
+    (["2014-04-01 00:00:00", "12"], [1396310400.0, 12.0]),  # a mixed column, stamp by stamp
+])
+def test_read_series_reads_iso_and_epoch_stamps(tmp_path, stamps, expected):
+    from streamlstm.tools.replay import read_series
+    path = tmp_path / "s.csv"
+    path.write_text("timestamp,value\n" + "".join(f"{s},{i}.5\n" for i, s in enumerate(stamps)))
+    seconds, texts, values = read_series(path)
+    assert seconds.tolist() == expected and texts == stamps
+    assert values.tolist() == [[i + 0.5] for i in range(len(stamps))]
+
+
+def test_read_series_names_what_it_cannot_read(tmp_path):
+    from streamlstm.tools.replay import read_series
+    (tmp_path / "bad_time.csv").write_text("timestamp,value\n2014-04-01 00:00:00,1\nsoon,2\n")
+    with pytest.raises(ValueError, match="soon"):
+        read_series(tmp_path / "bad_time.csv")
+    (tmp_path / "bad_value.csv").write_text("timestamp,value\n2014-04-01 00:00:00,one\n")
+    with pytest.raises(ValueError, match="one"):
+        read_series(tmp_path / "bad_value.csv")

@@ -25,14 +25,28 @@ def read_series(path) -> tuple[np.ndarray, list[str], np.ndarray]:
             raise ValueError(f"{path}: empty file")
         if _is_number(header[0]) or _parse_time(header[0]) is not None:  # no header row
             stamps.append(header[0])
-            rows.append([float(v) for v in header[1:]])
+            rows.append(header[1:])
         for line in reader:
             if not line:
                 continue
             stamps.append(line[0])
-            rows.append([float(v) for v in line[1:]])
-    seconds = np.array([_to_seconds(s) for s in stamps], dtype=np.float64)
-    return seconds, stamps, np.array(rows, dtype=np.float64).reshape(len(rows), -1)
+            rows.append(line[1:])
+    values = np.array(rows, dtype=np.float64)  # NumPy parses the value strings in one call
+    return _stamps_to_seconds(stamps), stamps, values.reshape(len(rows), -1)
+
+
+def _stamps_to_seconds(stamps: list[str]) -> np.ndarray:
+    """Epoch seconds of every stamp: one NumPy parse of the whole ISO column when it is one
+    (row by row it cost 14 us a row, more than replaying the row), else stamp by stamp
+    (epoch numbers, or a mix), which names the stamp it cannot read."""
+    texts = [s.strip() for s in stamps]
+    if all(len(t) >= 10 and t[4] == "-" for t in texts):  # YYYY-MM-DD...; NumPy reads "12" as a year
+        try:
+            iso = np.array([t.replace(" ", "T") for t in texts], dtype="datetime64[us]")
+            return iso.astype(np.int64) / 1e6
+        except ValueError:
+            pass
+    return np.array([_to_seconds(s) for s in stamps], dtype=np.float64)
 
 
 def _is_number(text: str) -> bool:
