@@ -392,3 +392,23 @@ def test_columns_route_once_per_sensor_as_reading_by_reading():
             np.testing.assert_array_equal(alone.prediction, batch.prediction[mine, :alone.prediction.shape[1]])
     assert {name: d.names for name, d in det.active.items()} == {k: v for k, v in members.items() if k in det.active}
     assert list(det.active) == list(twin.active)
+
+
+def test_band_tail_inversion_matches_bisection_of_erfc():
+    """z_for_tail (Newton on ln Q) against the definition: the z where 0.5 erfc(z / sqrt 2)
+    crosses p, found by bisection in plain Python; and tail_log10 inverts it."""
+    import math
+    from streamlstm.detector.scores import _z_for_tail, neg_log10_upper_tail
+
+    def bisect(p):
+        lo, hi = -10.0, 40.0
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if 0.5 * math.erfc(mid / math.sqrt(2.0)) > p else (lo, mid)
+        return 0.5 * (lo + hi)
+
+    ps = np.concatenate([10.0 ** -np.linspace(0.01, 299.0, 400), np.linspace(0.02, 0.98, 49)])
+    z = _z_for_tail(ps)
+    np.testing.assert_allclose(z, [bisect(p) for p in ps], rtol=1e-12, atol=1e-12)
+    L = -np.log10(ps[ps < 0.5])  # tail_log10 uses a 3-term series past z = 8: 1e-6 apart
+    np.testing.assert_allclose(neg_log10_upper_tail(_z_for_tail(10.0 ** -L)), L, rtol=1e-5)
