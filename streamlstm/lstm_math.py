@@ -402,12 +402,31 @@ def window_grad(
 
 
 @register_jitable
+def squared_norm(a):
+    """sum(a**2) in float64 as four interleaved sums: one running sum is a chain of dependent
+    adds, 4 cycles each (a 4,353-parameter model: 17,000 cycles per update)."""
+    n = a.shape[0]
+    n4 = n - n % 4
+    s0 = s1 = s2 = s3 = 0.0
+    for k in range(0, n4, 4):
+        g0 = float(a[k])
+        g1 = float(a[k + 1])
+        g2 = float(a[k + 2])
+        g3 = float(a[k + 3])
+        s0 += g0 * g0
+        s1 += g1 * g1
+        s2 += g2 * g2
+        s3 += g3 * g3
+    for k in range(n4, n):
+        g0 = float(a[k])
+        s0 += g0 * g0
+    return (s0 + s1) + (s2 + s3)
+
+
+@register_jitable
 def apply_update(theta_row, m_row, v_row, grad, step, lr, hp, opt_code):
     """Clip the gradient norm, add L2, then Adam or SGD in place. False if grad not finite."""
-    norm2 = 0.0
-    for k in range(grad.shape[0]):
-        g = float(grad[k])
-        norm2 += g * g
+    norm2 = squared_norm(grad)
     if not math.isfinite(norm2):
         return False
     scale = grad_clip_scale(norm2, hp[HP_GRAD_CLIP])
