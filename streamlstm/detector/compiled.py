@@ -285,45 +285,46 @@ def profile_due(clock, se, s, ts, fp, ip):
 
 
 @register_jitable
-def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
+def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
     """Everything of GroupDetector._round up to the model step, for batch row b of slot s.
     Returns False when the reading is rejected."""
-    reason, ahead, run, prev = admit(st.clock, s, ts, fp, ip)
+    clock, sc, lk, pk, stk, se, inc, md = st  # one load of each part (each st.part loads all of st)
+    reason, ahead, run, prev = admit(clock, s, ts, fp, ip)
     if fp[F_SKEW] > 0:
-        st.clock.run[s] = run
-        st.clock.prev[s] = prev
+        clock.run[s] = run
+        clock.prev[s] = prev
         if ahead:
-            st.clock.last_ts[s] = ts - st.clock.interval[s] if st.clock.interval[s] > 0 else -np.inf
+            clock.last_ts[s] = ts - clock.interval[s] if clock.interval[s] > 0 else -np.inf
             rw.reset_clock[b] = True
     if reason != R_OK:
         rw.reason[b] = reason
         return False
-    last = st.clock.last_ts[s]
+    last = clock.last_ts[s]
 
     # GroupDetector._gap_resets
     if fp[F_GAP] > 0:
         dt = ts - last
-        iv = st.clock.interval[s]
-        if st.clock.seen[s] >= 5 and iv > 0 and dt > fp[F_GAP] * iv:
+        iv = clock.interval[s]
+        if clock.seen[s] >= 5 and iv > 0 and dt > fp[F_GAP] * iv:
             if dt > fp[F_HORIZON] * iv:
-                _rebase(st.sc, st.lk, s, x, fp, ip)
+                _rebase(sc, lk, s, x, fp, ip)
             rw.reset_gap[b] = True
-            _reset_model(st.model, st.lk, s)
-            if st.inc.open[s]:
-                st.inc.open[s] = False
-                st.inc.above[s] = 0
+            _reset_model(md, lk, s)
+            if inc.open[s]:
+                inc.open[s] = False
+                inc.above[s] = 0
                 rw.gap_closed[b] = True
                 rw.gap_end[b] = last
-                rw.gap_peak[b] = st.inc.peak[s]
-                rw.gap_peak_ts[b] = st.inc.peak_ts[s]
-                rw.gap_length[b] = st.inc.length[s]
+                rw.gap_peak[b] = inc.peak[s]
+                rw.gap_peak_ts[b] = inc.peak_ts[s]
+                rw.gap_length[b] = inc.length[s]
 
     I = x.shape[0]
-    O = st.model.pred.shape[1]
+    O = md.pred.shape[1]
     tlo = ip[I_TARGET_LO]
     for f in range(I):
-        rw.z[b, f] = (x[f] - _mean(st.sc, s, f, fp, ip)) / _std(st.sc, s, f, fp, ip)
-    has_pred = st.model.ring_len[s] > 0
+        rw.z[b, f] = (x[f] - _mean(sc, s, f, fp, ip)) / _std(sc, s, f, fp, ip)
+    has_pred = md.ring_len[s] > 0
     rw.has_pred[b] = has_pred
     clip = fp[F_SCORE_CLIP]
     raw = 0.0
@@ -331,30 +332,29 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
     for o in range(O):
         # evidence on the reading as it is (float64, unclipped up to SCORE_CLIP); the model
         # gets the float32 copy
-        sd = _std(st.sc, s, tlo + o, fp, ip)
+        sd = _std(sc, s, tlo + o, fp, ip)
         rw.std[b, o] = sd
-        t = (x[tlo + o] - _mean(st.sc, s, tlo + o, fp, ip)) / sd
+        t = (x[tlo + o] - _mean(sc, s, tlo + o, fp, ip)) / sd
         t = min(max(t, -clip), clip)
-        raw = max(raw, abs(t - st.model.pred[s, o]))
+        raw = max(raw, abs(t - md.pred[s, o]))
         target_max = max(target_max, abs(t))
-        rw.prediction[b, o] = st.model.pred[s, o]  # scaled; made sensor units in the learning half
+        rw.prediction[b, o] = md.pred[s, o]  # scaled; made sensor units in the learning half
     if not has_pred:
         raw = 0.0
-    seen = st.clock.seen[s]
+    seen = clock.seen[s]
     armed = seen >= ip[I_WARMUP]
     live = armed and has_pred
 
     # seasonal residuals (GroupDetector._seasonal_residuals): the smallest explains
-    K = st.se.periods.shape[0]
+    K = se.periods.shape[0]
     explained = np.inf
-    season_raw = wk.season
     for k in range(K):
-        row = _season_row(st.se, s, k, ts)
+        row = _season_row(se, s, k, ts)
         ok = row >= 0
         worst = 0.0
         if ok:
             for o in range(O):
-                e = st.se.pool[row, o]
+                e = se.pool[row, o]
                 if math.isnan(e):
                     ok = False
                 else:
@@ -365,17 +365,17 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
         if ok:
             explained = min(explained, worst)
     raw = min(raw, explained)
-    L, smoothed = _log10p(st.lk, 0, s, raw, not ip[I_KSIGMA], fp)
+    L, smoothed = _log10p(lk, 0, s, raw, not ip[I_KSIGMA], fp)
     rw.smoothed[b] = smoothed
     season_L = 0.0
     for k in range(K):
-        Lk, smk = _log10p(st.lk, 2 + k, s, season_raw[k], True, fp)
+        Lk, smk = _log10p(lk, 2 + k, s, season_raw[k], True, fp)
         rw.season_smoothed[b, k] = smk
-        if rw.season_ok[b, k] and st.lk.count[2 + k, s] >= ip[I_BASELINE]:
+        if rw.season_ok[b, k] and lk.count[2 + k, s] >= ip[I_BASELINE]:
             season_L = max(season_L, Lk)
-    range_L, range_sm = _log10p(st.lk, 1, s, min(target_max, explained), True, fp)
+    range_L, range_sm = _log10p(lk, 1, s, min(target_max, explained), True, fp)
     rw.range_smoothed[b] = range_sm
-    if st.lk.count[1, s] < ip[I_BASELINE]:
+    if lk.count[1, s] < ip[I_BASELINE]:
         range_L = 0.0
     ch0 = L if (live and ip[I_CH_MODEL]) else 0.0
     ch1 = season_L if ip[I_CH_SEASONAL] else 0.0
@@ -383,13 +383,13 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
     evidence = max(ch0, max(ch1, ch2)) if live else 0.0
     extra = 0.0
     if ip[I_HAS_PEAKS]:
-        extra = max(st.pk.peak[0, s] - fp[F_PEAK_FLOOR], 0.0)
-        mature = armed and st.lk.count[0, s] >= ip[I_PEAK_BASELINE]
-        ch0 = _peak_adjust(st.pk, 0, s, ch0, mature, fp)
-        ch1 = _peak_adjust(st.pk, 1, s, ch1, mature, fp)
-        ch2 = _peak_adjust(st.pk, 2, s, ch2, mature, fp)
+        extra = max(pk.peak[0, s] - fp[F_PEAK_FLOOR], 0.0)
+        mature = armed and lk.count[0, s] >= ip[I_PEAK_BASELINE]
+        ch0 = _peak_adjust(pk, 0, s, ch0, mature, fp)
+        ch1 = _peak_adjust(pk, 1, s, ch1, mature, fp)
+        ch2 = _peak_adjust(pk, 2, s, ch2, mature, fp)
     rw.extra[b] = extra
-    ch3 = _stuck(st.stk, s, x, fp, ip) if ip[I_HAS_STUCK] else 0.0
+    ch3 = _stuck(stk, s, x, fp, ip) if ip[I_HAS_STUCK] else 0.0
     if not live:
         ch0 = ch1 = ch2 = ch3 = 0.0
     top = ch0
@@ -407,41 +407,41 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
 
     # IncidentFilter.step
     thr = fp[F_THRESHOLD]
-    above = st.inc.above[s] + 1 if (score >= thr and armed) else 0
-    was_open = st.inc.open[s]
-    cool = max(st.inc.cooldown[s] - 1, 0)
+    above = inc.above[s] + 1 if (score >= thr and armed) else 0
+    was_open = inc.open[s]
+    cool = max(inc.cooldown[s] - 1, 0)
     opened = (not was_open) and above >= ip[I_MIN_DURATION] and cool == 0
     closed = was_open and score < fp[F_RELEASE]
     now_open = (was_open and not closed) or opened
-    if opened or (now_open and score > st.inc.peak[s]):
-        st.inc.peak_ts[s] = ts
-        st.inc.peak[s] = score
+    if opened or (now_open and score > inc.peak[s]):
+        inc.peak_ts[s] = ts
+        inc.peak[s] = score
     if opened:
-        st.inc.length[s] = 1
+        inc.length[s] = 1
     elif now_open:
-        st.inc.length[s] += 1
-    st.inc.cooldown[s] = ip[I_COOLDOWN] if closed else cool
-    st.inc.above[s] = above
-    st.inc.open[s] = now_open
-    rw.inc_peak[b] = st.inc.peak[s]
-    rw.inc_peak_ts[b] = st.inc.peak_ts[s]
-    rw.inc_length[b] = st.inc.length[s]
+        inc.length[s] += 1
+    inc.cooldown[s] = ip[I_COOLDOWN] if closed else cool
+    inc.above[s] = above
+    inc.open[s] = now_open
+    rw.inc_peak[b] = inc.peak[s]
+    rw.inc_peak_ts[b] = inc.peak_ts[s]
+    rw.inc_length[b] = inc.length[s]
     # GroupDetector._accept
     accepted = False
-    if ip[I_ACCEPT_AFTER] > 0 and now_open and not opened and st.inc.length[s] >= ip[I_ACCEPT_AFTER]:
+    if ip[I_ACCEPT_AFTER] > 0 and now_open and not opened and inc.length[s] >= ip[I_ACCEPT_AFTER]:
         accepted = True
-        st.inc.open[s] = False
-        st.inc.above[s] = 0
-        st.inc.cooldown[s] = ip[I_COOLDOWN]
+        inc.open[s] = False
+        inc.above[s] = 0
+        inc.cooldown[s] = ip[I_COOLDOWN]
     rw.opened[b] = opened
     rw.closed[b] = closed or accepted
     rw.accepted[b] = accepted
     rw.is_anomaly[b] = now_open
     # GroupDetector._alert
-    peak = st.clock.alert_peak[s]
+    peak = clock.alert_peak[s]
     rw.alert[b] = score if (score > peak and (opened or not now_open)) else 0.0
     decayed = peak if now_open else peak - 1.0 / max(ip[I_COOLDOWN], 1)
-    st.clock.alert_peak[s] = max(score, decayed)
+    clock.alert_peak[s] = max(score, decayed)
 
     suspicious = now_open or score >= min(thr, fp[F_PROTECT_SCORE]) or evidence >= fp[F_PROTECT_LOG10]
     weight = 1.0
@@ -474,18 +474,17 @@ def train_weight(b, s, model, rw, ip):
 
 
 @register_jitable
-def train_update(b, s, model, rw, ip, wk, ch, scale, step):
-    """After the window's gradient (wk.grad, at Adam step `step`): per-sensor weights update now;
-    shared weights accumulate the gradient into acc[ch] (the driver applies one update per
+def train_update(b, s, model, rw, ip, grad, acc, count, ch, scale, step):
+    """After the window's gradient (at Adam step `step`): per-sensor weights update now; shared
+    weights accumulate the gradient into acc[ch] / count[ch] (the driver applies one update per
     segment)."""
-    grad = wk.grad
     if ip[I_SHARED]:
         if not all_finite(grad):
             rw.tstatus[b] = STATUS_SKIPPED
             return
         for k in range(grad.shape[0]):
-            wk.acc[ch, k] += scale * grad[k]
-        wk.count[ch] += 1
+            acc[ch, k] += scale * grad[k]
+        count[ch] += 1
     elif apply_update(model.theta[s], model.m[s], model.v[s], grad, step, model.hp[HP_LR] * scale, model.hp,
                       model.ip[IP_OPTIMIZER]):
         model.adam_t[s] = step
@@ -497,17 +496,15 @@ def train_update(b, s, model, rw, ip, wk, ch, scale, step):
 
 
 @register_jitable
-def learn_reading(b, s, ts, x, st, rw, fp, ip, wk):
-    """The rest of GroupDetector._round after the model's training step: forward, then the
-    scale, score baselines and profiles learn; outputs in sensor units; resets."""
-    wrow = 0 if ip[I_SHARED] else s
-    md = st.model
-    fstatus = push_and_forward(s, rw.z[b], md.theta[wrow], md.offs, fp[F_INPUT_CLIP], md.h, md.c, md.ring_x, md.ring_h,
-                               md.ring_c, md.ring_pos, md.ring_len, md.pred, wk.gates, wk.buf)
+def learn_reading(b, s, ts, x, st, rw, fp, ip, fstatus):
+    """The rest of GroupDetector._round after the model's step (training, then the forward
+    with status fstatus): the scale, score baselines and profiles learn; outputs in sensor
+    units; resets."""
+    clock, sc, lk, pk, stk, se, inc, md = st  # one load of each part (each st.part loads all of st)
     if fstatus == STATUS_RESET:
-        st.model.since_train[s] = 0
+        md.since_train[s] = 0
     I = x.shape[0]
-    O = st.model.pred.shape[1]
+    O = md.pred.shape[1]
     tlo = ip[I_TARGET_LO]
     weight = rw.weight[b]
     learn = rw.learn[b]
@@ -517,95 +514,95 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, wk):
     implausible = False
     if not ip[I_FIXED]:
         w = 0.0 if rw.suspicious[b] else 1.0
-        count = st.sc.count[s]
+        count = sc.count[s]
         first = count == 0
         if first:
             for f in range(I):
-                st.sc.mean[s, f] = x[f]
+                sc.mean[s, f] = x[f]
         n = count + w
         alpha = w / max(n, 1e-12) if n > 0 else 0.0
         alpha = max(alpha, w / fp[F_HORIZON])
         if first:
             alpha = 0.0
         for f in range(I):
-            mean = st.sc.mean[s, f]
+            mean = sc.mean[s, f]
             delta = x[f] - mean
-            spread = math.sqrt(st.sc.var[s, f])
+            spread = math.sqrt(sc.var[s, f])
             floor = max(fp[F_REL_FLOOR] * abs(mean), fp[F_ABS_FLOOR])
             if count >= ROBUST_AFTER and spread > floor:
                 limit = CLIP_K * spread
                 delta = min(max(delta, -limit), limit)
-            st.sc.mean[s, f] = mean + alpha * delta
-            st.sc.var[s, f] = (1 - alpha) * (st.sc.var[s, f] + alpha * delta * delta)
-        st.sc.count[s] = min(n, fp[F_HORIZON])
+            sc.mean[s, f] = mean + alpha * delta
+            sc.var[s, f] = (1 - alpha) * (sc.var[s, f] + alpha * delta * delta)
+        sc.count[s] = min(n, fp[F_HORIZON])
         for f in range(I):  # RunningScaler._check
-            change = abs(x[f] - st.sc.prev[s, f])
-            st.sc.prev[s, f] = x[f]
-            nd = st.sc.ndiff[s, f]
+            change = abs(x[f] - sc.prev[s, f])
+            sc.prev[s, f] = x[f]
+            nd = sc.ndiff[s, f]
             if math.isfinite(change) and change > 0:
                 nd = min(nd + 1, DIFF_HORIZON)
-                st.sc.logdiff[s, f] += (math.log(change) - st.sc.logdiff[s, f]) / max(nd, 1)
-            st.sc.ndiff[s, f] = nd
-            mean = st.sc.mean[s, f]
-            std = max(math.sqrt(st.sc.var[s, f]), max(fp[F_REL_FLOOR] * abs(mean), fp[F_ABS_FLOOR]))
+                sc.logdiff[s, f] += (math.log(change) - sc.logdiff[s, f]) / max(nd, 1)
+            sc.ndiff[s, f] = nd
+            mean = sc.mean[s, f]
+            std = max(math.sqrt(sc.var[s, f]), max(fp[F_REL_FLOOR] * abs(mean), fp[F_ABS_FLOOR]))
             if not math.isfinite(mean) or not math.isfinite(std):
                 implausible = True
-            elif nd >= DIFF_MIN and st.sc.logdiff[s, f] < math.log(std) - LOG_IMPLAUSIBLE:
+            elif nd >= DIFF_MIN and sc.logdiff[s, f] < math.log(std) - LOG_IMPLAUSIBLE:
                 implausible = True
         if implausible:
             for f in range(I):
-                st.sc.mean[s, f] = 0.0
-                st.sc.var[s, f] = 0.0
-            st.sc.count[s] = 0.0
+                sc.mean[s, f] = 0.0
+                sc.var[s, f] = 0.0
+            sc.count[s] = 0.0
 
-    _scorer_update(st.lk, 1, s, rw.range_smoothed[b], weight if (learn and not is_anomaly) else 0.0, fp)
+    _scorer_update(lk, 1, s, rw.range_smoothed[b], weight if (learn and not is_anomaly) else 0.0, fp)
     if rw.accepted[b]:
-        _rebase(st.sc, st.lk, s, x, fp, ip)
-    _scorer_update(st.lk, 0, s, rw.smoothed[b], weight if (rw.has_pred[b] and learn) else 0.0, fp)
+        _rebase(sc, lk, s, x, fp, ip)
+    _scorer_update(lk, 0, s, rw.smoothed[b], weight if (rw.has_pred[b] and learn) else 0.0, fp)
 
     # SeasonalProfiles.update (storage was allocated by the driver before this reading)
-    K = st.se.periods.shape[0]
+    K = se.periods.shape[0]
     if K > 0:
         for k in range(K):
-            _scorer_update(st.lk, 2 + k, s, rw.season_smoothed[b, k],
+            _scorer_update(lk, 2 + k, s, rw.season_smoothed[b, k],
                            weight if (rw.season_ok[b, k] and learn) else 0.0, fp)
         w = weight if (learn and not is_anomaly) else 0.0
-        iv = st.clock.interval[s]
+        iv = clock.interval[s]
         for k in range(K):
-            row = _season_row(st.se, s, k, ts)
+            row = _season_row(se, s, k, ts)
             if row < 0:
                 continue
-            per_visit = max(st.se.width[s, k] / max(iv, 1e-9), 1.0)
+            per_visit = max(se.width[s, k] / max(iv, 1e-9), 1.0)
             a = (1.0 - (1.0 - fp[F_SEASON_ALPHA]) ** (1.0 / per_visit)) * w
             for o in range(O):
-                old = np.float64(st.se.pool[row, o])
+                old = np.float64(se.pool[row, o])
                 v = x[tlo + o]
                 if math.isnan(old):
                     new = v if w > 0 else np.nan
                 else:
                     new = old + a * (v - old)
-                st.se.pool[row, o] = new
-        if math.isnan(st.se.start[s]):
-            st.se.start[s] = ts
+                se.pool[row, o] = new
+        if math.isnan(se.start[s]):
+            se.start[s] = ts
 
     # interval and clock of the sensor
-    st.clock.seen[s] += 1
-    dt = ts - st.clock.last_ts[s]
+    clock.seen[s] += 1
+    dt = ts - clock.last_ts[s]
     if math.isfinite(dt):
-        if st.clock.interval[s] == 0:
-            st.clock.interval[s] = dt
+        if clock.interval[s] == 0:
+            clock.interval[s] = dt
         else:
-            a = 0.5 if st.clock.seen[s] <= 5 else 0.05
-            st.clock.interval[s] += a * (dt - st.clock.interval[s])
-    st.clock.last_ts[s] = ts
+            a = 0.5 if clock.seen[s] <= 5 else 0.05
+            clock.interval[s] += a * (dt - clock.interval[s])
+    clock.last_ts[s] = ts
 
     # outputs in sensor units (with the scale as it is now, as the NumPy path)
     L0 = fp[F_BAND_L0] + rw.extra[b]
-    mean, sigma = _moments(st.lk, 0, s, fp)
+    mean, sigma = _moments(lk, 0, s, fp)
     z = fp[F_BAND_Z0] if rw.extra[b] == 0.0 else z_for_tail(10.0 ** -L0)
     band = mean + z * sigma
     for o in range(O):
-        p = rw.prediction[b, o] * _std(st.sc, s, tlo + o, fp, ip) + _mean(st.sc, s, tlo + o, fp, ip)
+        p = rw.prediction[b, o] * _std(sc, s, tlo + o, fp, ip) + _mean(sc, s, tlo + o, fp, ip)
         if rw.has_pred[b]:
             rw.prediction[b, o] = p
             rw.residual[b, o] = x[tlo + o] - p
@@ -615,11 +612,11 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, wk):
         rw.band[b, o] = band * rw.std[b, o]
     if max(rw.tstatus[b], fstatus) == STATUS_RESET:
         rw.reset_nonfinite[b] = True
-        _reset_model(st.model, st.lk, s)
+        _reset_model(md, lk, s)
     if implausible:
         rw.reset_implausible[b] = True
-        _reset_model(st.model, st.lk, s)
-        st.clock.seen[s] = 0
+        _reset_model(md, lk, s)
+        clock.seen[s] = 0
 
 
 # --- walks -----------------------------------------------------------------------------------
@@ -653,22 +650,25 @@ def walk(lo, hi, segment, phase, r_from, r_to, update, order, first, nread, slot
                 if profile_due(st.clock, st.se, s, ts[b], fp, ip):
                     stop[j] = True
                     break
-                if score_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk):
-                    # the model step (ModelBank.step): training when due, then learn_reading's forward.
-                    # window_grad is called from here, not from a helper: each jitted level compiles
-                    # (optimises and emits) everything below it again, and this one is the biggest.
-                    scale = train_weight(b, s, st.model, rw, ip)
+                if score_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk.season):
+                    # The model step (ModelBank.step): train when due, then the forward. The two
+                    # big kernels are called from here, not from helpers: each jitted level
+                    # compiles (optimises and emits) everything below it again.
+                    md = st.model
+                    row = 0 if ip[I_SHARED] else s
+                    scale = train_weight(b, s, md, rw, ip)
                     if scale > 0.0:
-                        md = st.model
-                        row = 0 if ip[I_SHARED] else s
                         step = md.adam_t[row] + 1
                         rw.loss[b] = window_grad(
                             md.theta[row], md.offs, md.hp, md.ip, step, s, md.ring_x, md.ring_h, md.ring_c,
                             md.ring_pos[s], md.ring_len[s], rw.z[b], wk.grad, wk.xs, wk.tg, wk.acts, wk.hs, wk.cs,
                             wk.masks, wk.rec, wk.bufs, wk.wt,
                         )
-                        train_update(b, s, md, rw, ip, wk, ch, scale, step)
-                    learn_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk)
+                        train_update(b, s, md, rw, ip, wk.grad, wk.acc, wk.count, ch, scale, step)
+                    fstatus = push_and_forward(s, rw.z[b], md.theta[row], md.offs, fp[F_INPUT_CLIP], md.h, md.c,
+                                               md.ring_x, md.ring_h, md.ring_c, md.ring_pos, md.ring_len, md.pred,
+                                               wk.gates, wk.buf)
+                    learn_reading(b, s, ts[b], values[b], st, rw, fp, ip, fstatus)
                 r += 1
             progress[j] = r
         for j in range(lo, hi):
