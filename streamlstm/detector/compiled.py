@@ -86,15 +86,39 @@ def make_work(st, accumulators: int = 1) -> Work:
     )
 
 
+# Per-reading outputs and what the scoring half carries to the learning half. The scalar ones
+# are columns of three arrays (ROW_FLAGS, ROW_REALS, ROW_INTS; `row_columns` names them for the
+# driver): 14 arrays instead of 36, since every array of a tuple argument is ~8 LLVM arguments
+# at each call and in each function's prologue.
 Rows = collections.namedtuple("Rows", [
-    "reason", "prediction", "residual", "score", "alert", "is_anomaly", "band", "loss",
-    "fired", "opened", "closed", "accepted", "gap_closed", "gap_end", "gap_peak", "gap_peak_ts", "gap_length",
-    "inc_peak", "inc_peak_ts", "inc_length",
-    "reset_clock", "reset_gap", "reset_nonfinite", "reset_implausible",
-    # carried from the scoring half to the learning half of a reading
-    "z", "weight", "learn", "suspicious", "has_pred", "smoothed", "range_smoothed", "season_smoothed",
-    "season_ok", "std", "extra", "tstatus",
+    "prediction", "residual", "score", "alert", "is_anomaly", "band", "loss",  # the BatchResult's own arrays
+    "z", "std", "season_smoothed", "season_ok", "flags", "reals", "ints",
 ])
+ROW_FLAGS = ("opened", "closed", "accepted", "gap_closed", "reset_clock", "reset_gap", "reset_nonfinite",
+             "reset_implausible", "learn", "suspicious", "has_pred")
+ROW_REALS = ("gap_end", "gap_peak", "gap_peak_ts", "inc_peak", "inc_peak_ts", "weight", "smoothed", "range_smoothed",
+             "extra")
+ROW_INTS = ("reason", "fired", "gap_length", "inc_length", "tstatus")
+(RF_OPENED, RF_CLOSED, RF_ACCEPTED, RF_GAP_CLOSED, RF_RESET_CLOCK, RF_RESET_GAP, RF_RESET_NONFINITE,
+ RF_RESET_IMPLAUSIBLE, RF_LEARN, RF_SUSPICIOUS, RF_HAS_PRED) = range(len(ROW_FLAGS))
+(RR_GAP_END, RR_GAP_PEAK, RR_GAP_PEAK_TS, RR_INC_PEAK, RR_INC_PEAK_TS, RR_WEIGHT, RR_SMOOTHED, RR_RANGE_SMOOTHED,
+ RR_EXTRA) = range(len(ROW_REALS))
+RI_REASON, RI_FIRED, RI_GAP_LENGTH, RI_INC_LENGTH, RI_TSTATUS = range(len(ROW_INTS))
+
+
+def make_rows(B, I, O, K, z_dtype, out) -> Rows:
+    return Rows(out.prediction, out.residual, out.score, out.alert, out.is_anomaly, out.band, out.loss,
+                np.zeros((B, I), z_dtype), np.zeros((B, O)), np.zeros((B, K)), np.zeros((B, K), np.bool_),
+                np.zeros((B, len(ROW_FLAGS)), np.bool_), np.zeros((B, len(ROW_REALS))),
+                np.zeros((B, len(ROW_INTS)), np.int64))
+
+
+def row_columns(rw) -> dict:
+    """Every per-reading output by name (the packed ones as column views)."""
+    cols = rw._asdict()
+    for names, packed in ((ROW_FLAGS, rw.flags), (ROW_REALS, rw.reals), (ROW_INTS, rw.ints)):
+        cols.update((name, packed[:, i]) for i, name in enumerate(names))
+    return cols
 
 
 # --- scalar pieces (each mirrors one NumPy method named in its docstring) ------------------
@@ -295,9 +319,9 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
         clock.prev[s] = prev
         if ahead:
             clock.last_ts[s] = ts - clock.interval[s] if clock.interval[s] > 0 else -np.inf
-            rw.reset_clock[b] = True
+            rw.flags[b, RF_RESET_CLOCK] = True
     if reason != R_OK:
-        rw.reason[b] = reason
+        rw.ints[b, RI_REASON] = reason
         return False
     last = clock.last_ts[s]
 
@@ -308,16 +332,16 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
         if clock.seen[s] >= 5 and iv > 0 and dt > fp[F_GAP] * iv:
             if dt > fp[F_HORIZON] * iv:
                 _rebase(sc, lk, s, x, fp, ip)
-            rw.reset_gap[b] = True
+            rw.flags[b, RF_RESET_GAP] = True
             _reset_model(md, lk, s)
             if inc.open[s]:
                 inc.open[s] = False
                 inc.above[s] = 0
-                rw.gap_closed[b] = True
-                rw.gap_end[b] = last
-                rw.gap_peak[b] = inc.peak[s]
-                rw.gap_peak_ts[b] = inc.peak_ts[s]
-                rw.gap_length[b] = inc.length[s]
+                rw.flags[b, RF_GAP_CLOSED] = True
+                rw.reals[b, RR_GAP_END] = last
+                rw.reals[b, RR_GAP_PEAK] = inc.peak[s]
+                rw.reals[b, RR_GAP_PEAK_TS] = inc.peak_ts[s]
+                rw.ints[b, RI_GAP_LENGTH] = inc.length[s]
 
     I = x.shape[0]
     O = md.pred.shape[1]
@@ -325,7 +349,7 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
     for f in range(I):
         rw.z[b, f] = (x[f] - _mean(sc, s, f, fp, ip)) / _std(sc, s, f, fp, ip)
     has_pred = md.ring_len[s] > 0
-    rw.has_pred[b] = has_pred
+    rw.flags[b, RF_HAS_PRED] = has_pred
     clip = fp[F_SCORE_CLIP]
     raw = 0.0
     target_max = 0.0
@@ -366,7 +390,7 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
             explained = min(explained, worst)
     raw = min(raw, explained)
     L, smoothed = _log10p(lk, 0, s, raw, not ip[I_KSIGMA], fp)
-    rw.smoothed[b] = smoothed
+    rw.reals[b, RR_SMOOTHED] = smoothed
     season_L = 0.0
     for k in range(K):
         Lk, smk = _log10p(lk, 2 + k, s, season_raw[k], True, fp)
@@ -374,7 +398,7 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
         if rw.season_ok[b, k] and lk.count[2 + k, s] >= ip[I_BASELINE]:
             season_L = max(season_L, Lk)
     range_L, range_sm = _log10p(lk, 1, s, min(target_max, explained), True, fp)
-    rw.range_smoothed[b] = range_sm
+    rw.reals[b, RR_RANGE_SMOOTHED] = range_sm
     if lk.count[1, s] < ip[I_BASELINE]:
         range_L = 0.0
     ch0 = L if (live and ip[I_CH_MODEL]) else 0.0
@@ -388,7 +412,7 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
         ch0 = _peak_adjust(pk, 0, s, ch0, mature, fp)
         ch1 = _peak_adjust(pk, 1, s, ch1, mature, fp)
         ch2 = _peak_adjust(pk, 2, s, ch2, mature, fp)
-    rw.extra[b] = extra
+    rw.reals[b, RR_EXTRA] = extra
     ch3 = _stuck(stk, s, x, fp, ip) if ip[I_HAS_STUCK] else 0.0
     if not live:
         ch0 = ch1 = ch2 = ch3 = 0.0
@@ -403,7 +427,7 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
     top = max(top, 0.0)
     score = top / (top + 5.0)
     rw.score[b] = score
-    rw.fired[b] = fired
+    rw.ints[b, RI_FIRED] = fired
 
     # IncidentFilter.step
     thr = fp[F_THRESHOLD]
@@ -423,9 +447,9 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
     inc.cooldown[s] = ip[I_COOLDOWN] if closed else cool
     inc.above[s] = above
     inc.open[s] = now_open
-    rw.inc_peak[b] = inc.peak[s]
-    rw.inc_peak_ts[b] = inc.peak_ts[s]
-    rw.inc_length[b] = inc.length[s]
+    rw.reals[b, RR_INC_PEAK] = inc.peak[s]
+    rw.reals[b, RR_INC_PEAK_TS] = inc.peak_ts[s]
+    rw.ints[b, RI_INC_LENGTH] = inc.length[s]
     # GroupDetector._accept
     accepted = False
     if ip[I_ACCEPT_AFTER] > 0 and now_open and not opened and inc.length[s] >= ip[I_ACCEPT_AFTER]:
@@ -433,9 +457,9 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
         inc.open[s] = False
         inc.above[s] = 0
         inc.cooldown[s] = ip[I_COOLDOWN]
-    rw.opened[b] = opened
-    rw.closed[b] = closed or accepted
-    rw.accepted[b] = accepted
+    rw.flags[b, RF_OPENED] = opened
+    rw.flags[b, RF_CLOSED] = closed or accepted
+    rw.flags[b, RF_ACCEPTED] = accepted
     rw.is_anomaly[b] = now_open
     # GroupDetector._alert
     peak = clock.alert_peak[s]
@@ -449,9 +473,9 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
         weight = 0.0
     elif suspicious and ip[I_PROTECTION] == 2:
         weight = fp[F_DAMP]
-    rw.suspicious[b] = suspicious
-    rw.weight[b] = weight
-    rw.learn[b] = seen >= ip[I_SCALING_WARMUP]
+    rw.flags[b, RF_SUSPICIOUS] = suspicious
+    rw.reals[b, RR_WEIGHT] = weight
+    rw.flags[b, RF_LEARN] = seen >= ip[I_SCALING_WARMUP]
     return True
 
 
@@ -467,10 +491,10 @@ def train_weight(b, s, model, rw, ip):
     if due:
         model.since_train[s] = 0
     rw.loss[b] = np.nan
-    rw.tstatus[b] = 0
-    if not (due and rw.learn[b]) or model.ring_len[s] == 0:
+    rw.ints[b, RI_TSTATUS] = 0
+    if not (due and rw.flags[b, RF_LEARN]) or model.ring_len[s] == 0:
         return 0.0
-    return rw.weight[b]  # 1, damp_factor or 0: training when > 0
+    return rw.reals[b, RR_WEIGHT]  # 1, damp_factor or 0: training when > 0
 
 
 @register_jitable
@@ -480,7 +504,7 @@ def train_update(b, s, model, rw, ip, grad, acc, count, ch, scale, step):
     segment)."""
     if ip[I_SHARED]:
         if not all_finite(grad):
-            rw.tstatus[b] = STATUS_SKIPPED
+            rw.ints[b, RI_TSTATUS] = STATUS_SKIPPED
             return
         for k in range(grad.shape[0]):
             acc[ch, k] += scale * grad[k]
@@ -489,7 +513,7 @@ def train_update(b, s, model, rw, ip, grad, acc, count, ch, scale, step):
                       model.ip[IP_OPTIMIZER]):
         model.adam_t[s] = step
     else:
-        rw.tstatus[b] = STATUS_SKIPPED
+        rw.ints[b, RI_TSTATUS] = STATUS_SKIPPED
 
 
 # --- one reading: the learning half -------------------------------------------------------
@@ -506,14 +530,14 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, fstatus):
     I = x.shape[0]
     O = md.pred.shape[1]
     tlo = ip[I_TARGET_LO]
-    weight = rw.weight[b]
-    learn = rw.learn[b]
+    weight = rw.reals[b, RR_WEIGHT]
+    learn = rw.flags[b, RF_LEARN]
     is_anomaly = rw.is_anomaly[b]
 
     # RunningScaler.update (with its implausibility check)
     implausible = False
     if not ip[I_FIXED]:
-        w = 0.0 if rw.suspicious[b] else 1.0
+        w = 0.0 if rw.flags[b, RF_SUSPICIOUS] else 1.0
         count = sc.count[s]
         first = count == 0
         if first:
@@ -555,10 +579,10 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, fstatus):
                 sc.var[s, f] = 0.0
             sc.count[s] = 0.0
 
-    _scorer_update(lk, 1, s, rw.range_smoothed[b], weight if (learn and not is_anomaly) else 0.0, fp)
-    if rw.accepted[b]:
+    _scorer_update(lk, 1, s, rw.reals[b, RR_RANGE_SMOOTHED], weight if (learn and not is_anomaly) else 0.0, fp)
+    if rw.flags[b, RF_ACCEPTED]:
         _rebase(sc, lk, s, x, fp, ip)
-    _scorer_update(lk, 0, s, rw.smoothed[b], weight if (rw.has_pred[b] and learn) else 0.0, fp)
+    _scorer_update(lk, 0, s, rw.reals[b, RR_SMOOTHED], weight if (rw.flags[b, RF_HAS_PRED] and learn) else 0.0, fp)
 
     # SeasonalProfiles.update (storage was allocated by the driver before this reading)
     K = se.periods.shape[0]
@@ -597,24 +621,24 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, fstatus):
     clock.last_ts[s] = ts
 
     # outputs in sensor units (with the scale as it is now, as the NumPy path)
-    L0 = fp[F_BAND_L0] + rw.extra[b]
+    L0 = fp[F_BAND_L0] + rw.reals[b, RR_EXTRA]
     mean, sigma = _moments(lk, 0, s, fp)
-    z = fp[F_BAND_Z0] if rw.extra[b] == 0.0 else z_for_tail(10.0 ** -L0)
+    z = fp[F_BAND_Z0] if rw.reals[b, RR_EXTRA] == 0.0 else z_for_tail(10.0 ** -L0)
     band = mean + z * sigma
     for o in range(O):
         p = rw.prediction[b, o] * _std(sc, s, tlo + o, fp, ip) + _mean(sc, s, tlo + o, fp, ip)
-        if rw.has_pred[b]:
+        if rw.flags[b, RF_HAS_PRED]:
             rw.prediction[b, o] = p
             rw.residual[b, o] = x[tlo + o] - p
         else:
             rw.prediction[b, o] = np.nan
             rw.residual[b, o] = np.nan
         rw.band[b, o] = band * rw.std[b, o]
-    if max(rw.tstatus[b], fstatus) == STATUS_RESET:
-        rw.reset_nonfinite[b] = True
+    if max(rw.ints[b, RI_TSTATUS], fstatus) == STATUS_RESET:
+        rw.flags[b, RF_RESET_NONFINITE] = True
         _reset_model(md, lk, s)
     if implausible:
-        rw.reset_implausible[b] = True
+        rw.flags[b, RF_RESET_IMPLAUSIBLE] = True
         _reset_model(md, lk, s)
         clock.seen[s] = 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 from numba import get_num_threads
@@ -138,16 +139,8 @@ class CompiledPass:
 
     def _rows(self, B, out) -> k.Rows:
         g = self.group
-        I, O = g.spec.input_size, g.spec.output_size
         K = g.seasonal.n_periods if g.seasonal is not None else 0
-        flag = lambda: np.zeros(B, np.bool_)  # noqa: E731
-        return k.Rows(
-            np.zeros(B, np.int8), out.prediction, out.residual, out.score, out.alert, out.is_anomaly, out.band, out.loss,
-            np.zeros(B, np.int8), flag(), flag(), flag(), flag(), np.zeros(B), np.zeros(B), np.zeros(B),
-            np.zeros(B, np.int64), np.zeros(B), np.zeros(B), np.zeros(B, np.int64), flag(), flag(), flag(), flag(),
-            np.zeros((B, I), g.spec.np_dtype), np.zeros(B), flag(), flag(), flag(), np.zeros(B), np.zeros(B),
-            np.zeros((B, K)), np.zeros((B, K), np.bool_), np.zeros((B, O)), np.zeros(B), np.zeros(B, np.int64),
-        )
+        return k.make_rows(B, g.spec.input_size, g.spec.output_size, K, g.spec.np_dtype, out)
 
     # --- one batch ----------------------------------------------------------------------
 
@@ -267,6 +260,7 @@ class CompiledPass:
 
     def _finish(self, slots, ts, values, rw, out, good):
         g = self.group
+        rw = SimpleNamespace(**k.row_columns(rw))
         reason = rw.reason
         for i in np.flatnonzero(reason):
             out.reason[i] = REASONS[int(reason[i])]
