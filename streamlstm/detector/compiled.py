@@ -32,6 +32,9 @@ from .scaling import CLIP_K, DIFF_HORIZON, DIFF_MIN, IMPLAUSIBLE_RATIO, ROBUST_A
 from .scores import tail_log10, z_for_tail
 
 _JIT = dict(cache=True, nogil=True)
+# Helpers of the walk: no C-callable wrapper (Numba's default for a jitted function; only a
+# function value passed as an argument would use it), one function less to optimise and emit.
+_jitable = register_jitable(no_cfunc_wrapper=True)
 
 # reason codes (GroupDetector.REASONS)
 R_OK, R_CLOCK_SKEW, R_DUPLICATE, R_LATE = range(4)  # non-finite readings never reach the kernels
@@ -124,7 +127,7 @@ def row_columns(rw) -> dict:
 # --- scalar pieces (each mirrors one NumPy method named in its docstring) ------------------
 
 
-@register_jitable
+@_jitable
 def _std(sc, s, f, fp, ip):
     """RunningScaler.std / FixedScaler.std of one feature."""
     if ip[I_FIXED]:
@@ -133,14 +136,14 @@ def _std(sc, s, f, fp, ip):
     return max(math.sqrt(sc.var[s, f]), floor)
 
 
-@register_jitable
+@_jitable
 def _mean(sc, s, f, fp, ip):
     if ip[I_FIXED]:
         return fp[F_CENTER]
     return sc.mean[s, f]
 
 
-@register_jitable
+@_jitable
 def _moments(lk, k, s, fp):
     """LikelihoodScorer._moments: (mean, sigma) of scorer k."""
     mean = min(lk.mean[k, s], lk.fmean[k, s])
@@ -148,7 +151,7 @@ def _moments(lk, k, s, fp):
     return mean, max(math.sqrt(var), fp[F_MIN_SCALE] + 0.1 * mean)
 
 
-@register_jitable
+@_jitable
 def _log10p(lk, k, s, raw, smooth_it, fp):
     """LikelihoodScorer.log10p (KSigmaScorer.log10p without smoothing): (-log10 p, smoothed)."""
     m = raw
@@ -158,7 +161,7 @@ def _log10p(lk, k, s, raw, smooth_it, fp):
     return max(tail_log10((m - mean) / sigma), 0.0), m
 
 
-@register_jitable
+@_jitable
 def _scorer_update(lk, k, s, smoothed, w, fp):
     """LikelihoodScorer.update."""
     lk.smooth[k, s] = smoothed
@@ -175,12 +178,12 @@ def _scorer_update(lk, k, s, smoothed, w, fp):
     lk.count[k, s] = min(n, fp[F_LONG])
 
 
-@register_jitable
+@_jitable
 def _scorer_reset(lk, k, s):
     lk.smooth[k, s] = min(lk.mean[k, s], lk.fmean[k, s])
 
 
-@register_jitable
+@_jitable
 def _peak_adjust(pk, k, s, L, armed, fp):
     """PeakReference.adjust."""
     floor = fp[F_PEAK_FLOOR]
@@ -197,7 +200,7 @@ def _peak_adjust(pk, k, s, L, armed, fp):
     return out
 
 
-@register_jitable
+@_jitable
 def _stuck(stk, s, x, fp, ip):
     """StuckScorer.score_and_update, then score_to_log10 of its score."""
     same = True
@@ -230,7 +233,7 @@ def _stuck(stk, s, x, fp, ip):
     return 5.0 * sc / (1.0 - sc)
 
 
-@register_jitable
+@_jitable
 def _season_row(se, s, k, ts):
     """SeasonalProfiles._index: the pool row of this reading's phase bin, -1 if none."""
     off = se.offset[s, k]
@@ -241,7 +244,7 @@ def _season_row(se, s, k, ts):
     return off + phase
 
 
-@register_jitable
+@_jitable
 def needs_profile(clock, se, s, ts):
     """SeasonalProfiles._enable's condition: a period of slot s is due and has no storage yet."""
     iv = clock.interval[s]
@@ -252,7 +255,7 @@ def needs_profile(clock, se, s, ts):
     return False
 
 
-@register_jitable
+@_jitable
 def _reset_model(model, lk, s):
     """ModelBank.reset_slot (host side) and the model scorer's reset: GroupDetector._reset."""
     reset_slot(s, model.h, model.c, model.ring_len, model.ring_pos, model.pred)
@@ -260,7 +263,7 @@ def _reset_model(model, lk, s):
     _scorer_reset(lk, 0, s)
 
 
-@register_jitable
+@_jitable
 def _rebase(sc, lk, s, x, fp, ip):
     """GroupDetector._rebase_level: re-centre the scale, restart the range smoothing."""
     if not ip[I_FIXED]:
@@ -273,7 +276,7 @@ def _rebase(sc, lk, s, x, fp, ip):
 # --- one reading: the scoring half ------------------------------------------------------
 
 
-@register_jitable
+@_jitable
 def admit(clock, s, ts, fp, ip):
     """ClockGuard.check and the duplicate/out-of-order test, without changing anything:
     (reason, re-base the clock, the slot's next behind-run and its last timestamp)."""
@@ -302,13 +305,13 @@ def admit(clock, s, ts, fp, ip):
     return R_OK, ahead, run, prev
 
 
-@register_jitable
+@_jitable
 def profile_due(clock, se, s, ts, fp, ip):
     """An accepted reading whose seasonal storage must be allocated (by the driver) first."""
     return needs_profile(clock, se, s, ts) and admit(clock, s, ts, fp, ip)[0] == R_OK
 
 
-@register_jitable
+@_jitable
 def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
     """Everything of GroupDetector._round up to the model step, for batch row b of slot s.
     Returns False when the reading is rejected."""
@@ -482,7 +485,7 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
 # --- one reading: the model step (ModelBank.step) -------------------------------------------
 
 
-@register_jitable
+@_jitable
 def train_weight(b, s, model, rw, ip):
     """Count the reading towards `train_every`: the weight to train on the window with now
     (0: not due, not learning, or no window yet)."""
@@ -497,7 +500,7 @@ def train_weight(b, s, model, rw, ip):
     return rw.reals[b, RR_WEIGHT]  # 1, damp_factor or 0: training when > 0
 
 
-@register_jitable
+@_jitable
 def train_update(b, s, model, rw, ip, grad, acc, count, ch, scale, step):
     """After the window's gradient (at Adam step `step`): per-sensor weights update now; shared
     weights accumulate the gradient into acc[ch] / count[ch] (the driver applies one update per
@@ -519,7 +522,7 @@ def train_update(b, s, model, rw, ip, grad, acc, count, ch, scale, step):
 # --- one reading: the learning half -------------------------------------------------------
 
 
-@register_jitable
+@_jitable
 def learn_reading(b, s, ts, x, st, rw, fp, ip, fstatus):
     """The rest of GroupDetector._round after the model's step (training, then the forward
     with status fstatus): the scale, score baselines and profiles learn; outputs in sensor
@@ -645,7 +648,7 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, fstatus):
 
 # --- walks -----------------------------------------------------------------------------------
 # Entry points compile without reference counting (_nrt=False): nothing below allocates.
-_PASS = dict(cache=True, nogil=True, _nrt=False, error_model="numpy")
+_PASS = dict(cache=True, nogil=True, _nrt=False, error_model="numpy", no_cfunc_wrapper=True)
 
 
 @njit(**_PASS)
@@ -705,7 +708,7 @@ def walk(lo, hi, segment, phase, r_from, r_to, update, order, first, nread, slot
     return r_to
 
 
-@register_jitable
+@_jitable
 def _segment_update(model, acc, count, mean, apply):
     """The threads' gradient sums join the pending sum (model.grad_sum, which a segment left
     unfinished by the previous batch started); with `apply` the segment is over: one update
