@@ -32,6 +32,9 @@ from .scaling import CLIP_K, DIFF_HORIZON, DIFF_MIN, IMPLAUSIBLE_RATIO, ROBUST_A
 from .scores import tail_log10, z_for_tail
 
 _JIT = dict(cache=True, nogil=True)
+# Helpers of the walk: no C-callable wrapper (Numba's default for a jitted function; only a
+# function value passed as an argument would use it), one function less to optimise and emit.
+_jitable = register_jitable(no_cfunc_wrapper=True)
 
 # reason codes (GroupDetector.REASONS)
 R_OK, R_CLOCK_SKEW, R_DUPLICATE, R_LATE = range(4)  # non-finite readings never reach the kernels
@@ -48,17 +51,22 @@ PROTECTIONS = ("off", "skip", "damp")
 
 LOG_IMPLAUSIBLE = math.log(IMPLAUSIBLE_RATIO)
 
-State = collections.namedtuple("State", [
-    "last_ts", "interval", "seen", "alert_peak", "clock_run", "clock_prev",
-    "sc_mean", "sc_var", "sc_count", "sc_prev", "sc_logdiff", "sc_ndiff",
-    "lk_smooth", "lk_mean", "lk_var", "lk_fmean", "lk_fvar", "lk_count",  # (2 + K, S) rows: model, range, seasons
-    "pk_peak", "pk_base",  # (3, S) rows: model, seasonal, range
-    "st_last", "st_run", "st_longest", "st_repeats", "st_total",
-    "se_start", "se_offset", "se_bins", "se_width", "se_pool", "se_periods",
-    "in_above", "in_open", "in_cooldown", "in_peak", "in_peak_ts", "in_length",
+# The group's state, by owner (each a namedtuple of the owner's arrays, as the NumPy path keeps
+# them). The helpers below take only the parts they use: Numba passes a tuple argument as all its
+# arrays' fields, so a helper taking the whole state cost ~0.3 s of compile time for nothing.
+Clock = collections.namedtuple("Clock", ["last_ts", "interval", "seen", "alert_peak", "run", "prev"])
+Scale = collections.namedtuple("Scale", ["mean", "var", "count", "prev", "logdiff", "ndiff"])
+# scores: (2 + K, S) rows (model, range, seasons); peaks: (3, S) rows (model, seasonal, range)
+Scores = collections.namedtuple("Scores", ["smooth", "mean", "var", "fmean", "fvar", "count"])
+Peaks = collections.namedtuple("Peaks", ["peak", "base"])
+Stuck = collections.namedtuple("Stuck", ["last", "run", "longest", "repeats", "total"])
+Seasons = collections.namedtuple("Seasons", ["start", "offset", "bins", "width", "pool", "periods"])
+Incidents = collections.namedtuple("Incidents", ["above", "open", "cooldown", "peak", "peak_ts", "length"])
+Model = collections.namedtuple("Model", [
     "theta", "m", "v", "adam_t", "h", "c", "ring_x", "ring_h", "ring_c", "ring_pos", "ring_len", "pred",
     "since_train", "offs", "hp", "ip", "grad_sum", "grad_count",  # shared: the segment's pending sum
 ])
+State = collections.namedtuple("State", ["clock", "sc", "lk", "pk", "stk", "se", "inc", "model"])
 
 # Scratch of one thread (allocated in Python: the kernels run without Numba's reference counting,
 # which cost more than the detector's own arithmetic, so they must not allocate)
@@ -67,120 +75,144 @@ Work = collections.namedtuple("Work", ["xs", "tg", "acts", "das", "hs", "cs", "m
 
 
 def make_work(st, accumulators: int = 1) -> Work:
-    T, I = st.ring_x.shape[1:]
-    L, H = st.ring_h.shape[2:]
-    P = st.theta.shape[1]
-    O = st.pred.shape[1]
-    dt = st.theta.dtype
+    T, I = st.model.ring_x.shape[1:]
+    L, H = st.model.ring_h.shape[2:]
+    P = st.model.theta.shape[1]
+    O = st.model.pred.shape[1]
+    dt = st.model.theta.dtype
     return Work(
         np.empty((T, I), dt), np.empty((T, O), dt), np.empty((T, L, 5, H), dt), np.empty((T, L, 4 * H), dt),
         np.empty((T + 1, L, H), dt),
         np.empty((T + 1, L, H), dt), np.ones((T, L, H), dt), np.empty((2, L, H), dt), np.empty((5, max(4 * H, I)), dt),
-        np.empty(P, dt), np.empty(4 * H, dt), np.empty(max(H, I), dt), np.empty(max(st.se_periods.shape[0], 1)),
+        np.empty(P, dt), np.empty(4 * H, dt), np.empty(max(H, I), dt), np.empty(max(st.se.periods.shape[0], 1)),
         np.zeros((accumulators, P), dt), np.zeros(accumulators, np.int64),
         np.empty(P, dt), np.empty((L, 2, 4 * H, H), dt),
     )
 
 
+# Per-reading outputs and what the scoring half carries to the learning half. The scalar ones
+# are columns of three arrays (ROW_FLAGS, ROW_REALS, ROW_INTS; `row_columns` names them for the
+# driver): 14 arrays instead of 36, since every array of a tuple argument is ~8 LLVM arguments
+# at each call and in each function's prologue.
 Rows = collections.namedtuple("Rows", [
-    "reason", "prediction", "residual", "score", "alert", "is_anomaly", "band", "loss",
-    "fired", "opened", "closed", "accepted", "gap_closed", "gap_end", "gap_peak", "gap_peak_ts", "gap_length",
-    "inc_peak", "inc_peak_ts", "inc_length",
-    "reset_clock", "reset_gap", "reset_nonfinite", "reset_implausible",
-    # carried from the scoring half to the learning half of a reading
-    "z", "weight", "learn", "suspicious", "has_pred", "smoothed", "range_smoothed", "season_smoothed",
-    "season_ok", "std", "extra", "tstatus",
+    "prediction", "residual", "score", "alert", "is_anomaly", "band", "loss",  # the BatchResult's own arrays
+    "z", "std", "season_smoothed", "season_ok", "flags", "reals", "ints",
 ])
+ROW_FLAGS = ("opened", "closed", "accepted", "gap_closed", "reset_clock", "reset_gap", "reset_nonfinite",
+             "reset_implausible", "learn", "suspicious", "has_pred")
+ROW_REALS = ("gap_end", "gap_peak", "gap_peak_ts", "inc_peak", "inc_peak_ts", "weight", "smoothed", "range_smoothed",
+             "extra")
+ROW_INTS = ("reason", "fired", "gap_length", "inc_length", "tstatus")
+(RF_OPENED, RF_CLOSED, RF_ACCEPTED, RF_GAP_CLOSED, RF_RESET_CLOCK, RF_RESET_GAP, RF_RESET_NONFINITE,
+ RF_RESET_IMPLAUSIBLE, RF_LEARN, RF_SUSPICIOUS, RF_HAS_PRED) = range(len(ROW_FLAGS))
+(RR_GAP_END, RR_GAP_PEAK, RR_GAP_PEAK_TS, RR_INC_PEAK, RR_INC_PEAK_TS, RR_WEIGHT, RR_SMOOTHED, RR_RANGE_SMOOTHED,
+ RR_EXTRA) = range(len(ROW_REALS))
+RI_REASON, RI_FIRED, RI_GAP_LENGTH, RI_INC_LENGTH, RI_TSTATUS = range(len(ROW_INTS))
+
+
+def make_rows(B, I, O, K, z_dtype, out) -> Rows:
+    return Rows(out.prediction, out.residual, out.score, out.alert, out.is_anomaly, out.band, out.loss,
+                np.zeros((B, I), z_dtype), np.zeros((B, O)), np.zeros((B, K)), np.zeros((B, K), np.bool_),
+                np.zeros((B, len(ROW_FLAGS)), np.bool_), np.zeros((B, len(ROW_REALS))),
+                np.zeros((B, len(ROW_INTS)), np.int64))
+
+
+def row_columns(rw) -> dict:
+    """Every per-reading output by name (the packed ones as column views)."""
+    cols = rw._asdict()
+    for names, packed in ((ROW_FLAGS, rw.flags), (ROW_REALS, rw.reals), (ROW_INTS, rw.ints)):
+        cols.update((name, packed[:, i]) for i, name in enumerate(names))
+    return cols
 
 
 # --- scalar pieces (each mirrors one NumPy method named in its docstring) ------------------
 
 
-@register_jitable
-def _std(st, s, f, fp, ip):
+@_jitable
+def _std(sc, s, f, fp, ip):
     """RunningScaler.std / FixedScaler.std of one feature."""
     if ip[I_FIXED]:
         return fp[F_HALF]
-    floor = max(fp[F_REL_FLOOR] * abs(st.sc_mean[s, f]), fp[F_ABS_FLOOR])
-    return max(math.sqrt(st.sc_var[s, f]), floor)
+    floor = max(fp[F_REL_FLOOR] * abs(sc.mean[s, f]), fp[F_ABS_FLOOR])
+    return max(math.sqrt(sc.var[s, f]), floor)
 
 
-@register_jitable
-def _mean(st, s, f, fp, ip):
+@_jitable
+def _mean(sc, s, f, fp, ip):
     if ip[I_FIXED]:
         return fp[F_CENTER]
-    return st.sc_mean[s, f]
+    return sc.mean[s, f]
 
 
-@register_jitable
-def _moments(st, k, s, fp):
+@_jitable
+def _moments(lk, k, s, fp):
     """LikelihoodScorer._moments: (mean, sigma) of scorer k."""
-    mean = min(st.lk_mean[k, s], st.lk_fmean[k, s])
-    var = min(st.lk_var[k, s], st.lk_fvar[k, s])
+    mean = min(lk.mean[k, s], lk.fmean[k, s])
+    var = min(lk.var[k, s], lk.fvar[k, s])
     return mean, max(math.sqrt(var), fp[F_MIN_SCALE] + 0.1 * mean)
 
 
-@register_jitable
-def _log10p(st, k, s, raw, smooth_it, fp):
+@_jitable
+def _log10p(lk, k, s, raw, smooth_it, fp):
     """LikelihoodScorer.log10p (KSigmaScorer.log10p without smoothing): (-log10 p, smoothed)."""
     m = raw
-    if smooth_it and st.lk_count[k, s] > 0:
-        m = st.lk_smooth[k, s] + fp[F_A_SHORT] * (raw - st.lk_smooth[k, s])
-    mean, sigma = _moments(st, k, s, fp)
+    if smooth_it and lk.count[k, s] > 0:
+        m = lk.smooth[k, s] + fp[F_A_SHORT] * (raw - lk.smooth[k, s])
+    mean, sigma = _moments(lk, k, s, fp)
     return max(tail_log10((m - mean) / sigma), 0.0), m
 
 
-@register_jitable
-def _scorer_update(st, k, s, smoothed, w, fp):
+@_jitable
+def _scorer_update(lk, k, s, smoothed, w, fp):
     """LikelihoodScorer.update."""
-    st.lk_smooth[k, s] = smoothed
-    n = st.lk_count[k, s] + w
+    lk.smooth[k, s] = smoothed
+    n = lk.count[k, s] + w
     exact = w / max(n, 1e-12) if n > 0 else 0.0
     a = max(exact, w / fp[F_LONG])
-    delta = smoothed - st.lk_mean[k, s]
-    st.lk_mean[k, s] += a * delta
-    st.lk_var[k, s] = (1 - a) * (st.lk_var[k, s] + a * delta * delta)
+    delta = smoothed - lk.mean[k, s]
+    lk.mean[k, s] += a * delta
+    lk.var[k, s] = (1 - a) * (lk.var[k, s] + a * delta * delta)
     a = max(exact, w / fp[F_FAST])
-    delta = smoothed - st.lk_fmean[k, s]
-    st.lk_fmean[k, s] += a * delta
-    st.lk_fvar[k, s] = (1 - a) * (st.lk_fvar[k, s] + a * delta * delta)
-    st.lk_count[k, s] = min(n, fp[F_LONG])
+    delta = smoothed - lk.fmean[k, s]
+    lk.fmean[k, s] += a * delta
+    lk.fvar[k, s] = (1 - a) * (lk.fvar[k, s] + a * delta * delta)
+    lk.count[k, s] = min(n, fp[F_LONG])
 
 
-@register_jitable
-def _scorer_reset(st, k, s):
-    st.lk_smooth[k, s] = min(st.lk_mean[k, s], st.lk_fmean[k, s])
+@_jitable
+def _scorer_reset(lk, k, s):
+    lk.smooth[k, s] = min(lk.mean[k, s], lk.fmean[k, s])
 
 
-@register_jitable
-def _peak_adjust(st, k, s, L, armed, fp):
+@_jitable
+def _peak_adjust(pk, k, s, L, armed, fp):
     """PeakReference.adjust."""
     floor = fp[F_PEAK_FLOOR]
-    peak = st.pk_peak[k, s]
+    peak = pk.peak[k, s]
     out = max(L - max(peak - floor, 0.0), 0.0)
     decayed = peak - max(peak, floor) / fp[F_PEAK_WINDOW]
     if L <= floor:
         base = max(decayed, floor)
     else:
-        base = max(st.pk_base[k, s], floor)
+        base = max(pk.base[k, s], floor)
     if armed:
-        st.pk_peak[k, s] = max(decayed, min(L, fp[F_PEAK_GROWTH] * base))
-        st.pk_base[k, s] = base
+        pk.peak[k, s] = max(decayed, min(L, fp[F_PEAK_GROWTH] * base))
+        pk.base[k, s] = base
     return out
 
 
-@register_jitable
-def _stuck(st, s, x, fp, ip):
+@_jitable
+def _stuck(stk, s, x, fp, ip):
     """StuckScorer.score_and_update, then score_to_log10 of its score."""
     same = True
     for f in range(x.shape[0]):
-        if not (x[f] == st.st_last[s, f]):
+        if not (x[f] == stk.last[s, f]):
             same = False
-    prev_run = st.st_run[s]
+    prev_run = stk.run[s]
     run = prev_run + 1.0 if same else 0.0
-    reps = st.st_repeats[s]
-    total = st.st_total[s]
-    longest = st.st_longest[s]
+    reps = stk.repeats[s]
+    total = stk.total[s]
+    longest = stk.longest[s]
     p_rep = (reps + 1.0) / (total + 2.0)
     excess = max(run - longest, 0.0)
     q = min(excess * -math.log10(p_rep), fp[F_STUCK_MAX])
@@ -191,82 +223,82 @@ def _stuck(st, s, x, fp, ip):
     ended = (not same) and prev_run > 0
     decay = fp[F_STUCK_DECAY]
     if ended:
-        st.st_longest[s] = max(longest * decay, prev_run)
-    st.st_repeats[s] = (reps + prev_run if ended else reps) * (1.0 if same else decay)
+        stk.longest[s] = max(longest * decay, prev_run)
+    stk.repeats[s] = (reps + prev_run if ended else reps) * (1.0 if same else decay)
     if not same:
-        st.st_total[s] = (total + (prev_run if ended else 0.0)) * decay + 1.0
-    st.st_run[s] = run
+        stk.total[s] = (total + (prev_run if ended else 0.0)) * decay + 1.0
+    stk.run[s] = run
     for f in range(x.shape[0]):
-        st.st_last[s, f] = x[f]
+        stk.last[s, f] = x[f]
     sc = min(score, 1.0 - 1e-12)
     return 5.0 * sc / (1.0 - sc)
 
 
-@register_jitable
-def _season_row(st, s, k, ts):
+@_jitable
+def _season_row(se, s, k, ts):
     """SeasonalProfiles._index: the pool row of this reading's phase bin, -1 if none."""
-    off = st.se_offset[s, k]
+    off = se.offset[s, k]
     if off < 0:
         return -1
-    nb = max(st.se_bins[s, k], 1)
-    phase = np.int64(math.floor((ts % st.se_periods[k]) / st.se_width[s, k])) % nb
+    nb = max(se.bins[s, k], 1)
+    phase = np.int64(math.floor((ts % se.periods[k]) / se.width[s, k])) % nb
     return off + phase
 
 
-@register_jitable
-def needs_profile(st, s, ts):
+@_jitable
+def needs_profile(clock, se, s, ts):
     """SeasonalProfiles._enable's condition: a period of slot s is due and has no storage yet."""
-    iv = st.interval[s]
-    for k in range(st.se_periods.shape[0]):
-        p = st.se_periods[k]
-        if st.se_offset[s, k] < 0 and ts - st.se_start[s] >= p and iv > 0 and p >= 4.0 * iv:
+    iv = clock.interval[s]
+    for k in range(se.periods.shape[0]):
+        p = se.periods[k]
+        if se.offset[s, k] < 0 and ts - se.start[s] >= p and iv > 0 and p >= 4.0 * iv:
             return True
     return False
 
 
-@register_jitable
-def _reset_model(st, s):
+@_jitable
+def _reset_model(model, lk, s):
     """ModelBank.reset_slot (host side) and the model scorer's reset: GroupDetector._reset."""
-    reset_slot(s, st.h, st.c, st.ring_len, st.ring_pos, st.pred)
-    st.since_train[s] = 0
-    _scorer_reset(st, 0, s)
+    reset_slot(s, model.h, model.c, model.ring_len, model.ring_pos, model.pred)
+    model.since_train[s] = 0
+    _scorer_reset(lk, 0, s)
 
 
-@register_jitable
-def _rebase(st, s, x, fp, ip):
+@_jitable
+def _rebase(sc, lk, s, x, fp, ip):
     """GroupDetector._rebase_level: re-centre the scale, restart the range smoothing."""
     if not ip[I_FIXED]:
         for f in range(x.shape[0]):
-            st.sc_mean[s, f] = x[f]
-        st.sc_count[s] = min(st.sc_count[s], float(ip[I_SCALING_WARMUP]))
-    _scorer_reset(st, 1, s)
+            sc.mean[s, f] = x[f]
+        sc.count[s] = min(sc.count[s], float(ip[I_SCALING_WARMUP]))
+    _scorer_reset(lk, 1, s)
 
 
 # --- one reading: the scoring half ------------------------------------------------------
 
 
-@register_jitable
-def admit(st, s, ts, fp, ip):
+@_jitable
+def admit(clock, s, ts, fp, ip):
     """ClockGuard.check and the duplicate/out-of-order test, without changing anything:
     (reason, re-base the clock, the slot's next behind-run and its last timestamp)."""
     ahead = False
     run = 0
     prev = -np.inf
-    last = st.last_ts[s]
+    last = clock.last_ts[s]
     if fp[F_SKEW] > 0:
         limit = fp[F_NOW] + fp[F_SKEW]
         if ts > limit:
             return R_CLOCK_SKEW, False, 0, -np.inf
         ahead = last > limit
         if ts < last - fp[F_SKEW] and not ahead:
-            run = st.clock_run[s] + 1 if ts > st.clock_prev[s] else 1
+            run = clock.run[s] + 1 if ts > clock.prev[s] else 1
             if run >= ip[I_JUMP]:
                 ahead = True
                 run = 0
             else:
                 prev = ts
         if ahead:
-            last = ts - st.interval[s] if st.interval[s] > 0 else -np.inf
+            last = ts - clock.interval[s] if clock.interval[s] > 0 else -np.inf
     if ts == last:
         return R_DUPLICATE, ahead, run, prev
     if ts < last:
@@ -274,83 +306,83 @@ def admit(st, s, ts, fp, ip):
     return R_OK, ahead, run, prev
 
 
-@register_jitable
-def profile_due(st, s, ts, fp, ip):
+@_jitable
+def profile_due(clock, se, s, ts, fp, ip):
     """An accepted reading whose seasonal storage must be allocated (by the driver) first."""
-    return needs_profile(st, s, ts) and admit(st, s, ts, fp, ip)[0] == R_OK
+    return needs_profile(clock, se, s, ts) and admit(clock, s, ts, fp, ip)[0] == R_OK
 
 
-@register_jitable
-def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
+@_jitable
+def score_reading(b, s, ts, x, st, rw, fp, ip, season_raw):
     """Everything of GroupDetector._round up to the model step, for batch row b of slot s.
     Returns False when the reading is rejected."""
-    reason, ahead, run, prev = admit(st, s, ts, fp, ip)
+    clock, sc, lk, pk, stk, se, inc, md = st  # one load of each part (each st.part loads all of st)
+    reason, ahead, run, prev = admit(clock, s, ts, fp, ip)
     if fp[F_SKEW] > 0:
-        st.clock_run[s] = run
-        st.clock_prev[s] = prev
+        clock.run[s] = run
+        clock.prev[s] = prev
         if ahead:
-            st.last_ts[s] = ts - st.interval[s] if st.interval[s] > 0 else -np.inf
-            rw.reset_clock[b] = True
+            clock.last_ts[s] = ts - clock.interval[s] if clock.interval[s] > 0 else -np.inf
+            rw.flags[b, RF_RESET_CLOCK] = True
     if reason != R_OK:
-        rw.reason[b] = reason
+        rw.ints[b, RI_REASON] = reason
         return False
-    last = st.last_ts[s]
+    last = clock.last_ts[s]
 
     # GroupDetector._gap_resets
     if fp[F_GAP] > 0:
         dt = ts - last
-        iv = st.interval[s]
-        if st.seen[s] >= 5 and iv > 0 and dt > fp[F_GAP] * iv:
+        iv = clock.interval[s]
+        if clock.seen[s] >= 5 and iv > 0 and dt > fp[F_GAP] * iv:
             if dt > fp[F_HORIZON] * iv:
-                _rebase(st, s, x, fp, ip)
-            rw.reset_gap[b] = True
-            _reset_model(st, s)
-            if st.in_open[s]:
-                st.in_open[s] = False
-                st.in_above[s] = 0
-                rw.gap_closed[b] = True
-                rw.gap_end[b] = last
-                rw.gap_peak[b] = st.in_peak[s]
-                rw.gap_peak_ts[b] = st.in_peak_ts[s]
-                rw.gap_length[b] = st.in_length[s]
+                _rebase(sc, lk, s, x, fp, ip)
+            rw.flags[b, RF_RESET_GAP] = True
+            _reset_model(md, lk, s)
+            if inc.open[s]:
+                inc.open[s] = False
+                inc.above[s] = 0
+                rw.flags[b, RF_GAP_CLOSED] = True
+                rw.reals[b, RR_GAP_END] = last
+                rw.reals[b, RR_GAP_PEAK] = inc.peak[s]
+                rw.reals[b, RR_GAP_PEAK_TS] = inc.peak_ts[s]
+                rw.ints[b, RI_GAP_LENGTH] = inc.length[s]
 
     I = x.shape[0]
-    O = st.pred.shape[1]
+    O = md.pred.shape[1]
     tlo = ip[I_TARGET_LO]
     for f in range(I):
-        rw.z[b, f] = (x[f] - _mean(st, s, f, fp, ip)) / _std(st, s, f, fp, ip)
-    has_pred = st.ring_len[s] > 0
-    rw.has_pred[b] = has_pred
+        rw.z[b, f] = (x[f] - _mean(sc, s, f, fp, ip)) / _std(sc, s, f, fp, ip)
+    has_pred = md.ring_len[s] > 0
+    rw.flags[b, RF_HAS_PRED] = has_pred
     clip = fp[F_SCORE_CLIP]
     raw = 0.0
     target_max = 0.0
     for o in range(O):
         # evidence on the reading as it is (float64, unclipped up to SCORE_CLIP); the model
         # gets the float32 copy
-        sd = _std(st, s, tlo + o, fp, ip)
+        sd = _std(sc, s, tlo + o, fp, ip)
         rw.std[b, o] = sd
-        t = (x[tlo + o] - _mean(st, s, tlo + o, fp, ip)) / sd
+        t = (x[tlo + o] - _mean(sc, s, tlo + o, fp, ip)) / sd
         t = min(max(t, -clip), clip)
-        raw = max(raw, abs(t - st.pred[s, o]))
+        raw = max(raw, abs(t - md.pred[s, o]))
         target_max = max(target_max, abs(t))
-        rw.prediction[b, o] = st.pred[s, o]  # scaled; made sensor units in the learning half
+        rw.prediction[b, o] = md.pred[s, o]  # scaled; made sensor units in the learning half
     if not has_pred:
         raw = 0.0
-    seen = st.seen[s]
+    seen = clock.seen[s]
     armed = seen >= ip[I_WARMUP]
     live = armed and has_pred
 
     # seasonal residuals (GroupDetector._seasonal_residuals): the smallest explains
-    K = st.se_periods.shape[0]
+    K = se.periods.shape[0]
     explained = np.inf
-    season_raw = wk.season
     for k in range(K):
-        row = _season_row(st, s, k, ts)
+        row = _season_row(se, s, k, ts)
         ok = row >= 0
         worst = 0.0
         if ok:
             for o in range(O):
-                e = st.se_pool[row, o]
+                e = se.pool[row, o]
                 if math.isnan(e):
                     ok = False
                 else:
@@ -361,17 +393,17 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
         if ok:
             explained = min(explained, worst)
     raw = min(raw, explained)
-    L, smoothed = _log10p(st, 0, s, raw, not ip[I_KSIGMA], fp)
-    rw.smoothed[b] = smoothed
+    L, smoothed = _log10p(lk, 0, s, raw, not ip[I_KSIGMA], fp)
+    rw.reals[b, RR_SMOOTHED] = smoothed
     season_L = 0.0
     for k in range(K):
-        Lk, smk = _log10p(st, 2 + k, s, season_raw[k], True, fp)
+        Lk, smk = _log10p(lk, 2 + k, s, season_raw[k], True, fp)
         rw.season_smoothed[b, k] = smk
-        if rw.season_ok[b, k] and st.lk_count[2 + k, s] >= ip[I_BASELINE]:
+        if rw.season_ok[b, k] and lk.count[2 + k, s] >= ip[I_BASELINE]:
             season_L = max(season_L, Lk)
-    range_L, range_sm = _log10p(st, 1, s, min(target_max, explained), True, fp)
-    rw.range_smoothed[b] = range_sm
-    if st.lk_count[1, s] < ip[I_BASELINE]:
+    range_L, range_sm = _log10p(lk, 1, s, min(target_max, explained), True, fp)
+    rw.reals[b, RR_RANGE_SMOOTHED] = range_sm
+    if lk.count[1, s] < ip[I_BASELINE]:
         range_L = 0.0
     ch0 = L if (live and ip[I_CH_MODEL]) else 0.0
     ch1 = season_L if ip[I_CH_SEASONAL] else 0.0
@@ -379,13 +411,13 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
     evidence = max(ch0, max(ch1, ch2)) if live else 0.0
     extra = 0.0
     if ip[I_HAS_PEAKS]:
-        extra = max(st.pk_peak[0, s] - fp[F_PEAK_FLOOR], 0.0)
-        mature = armed and st.lk_count[0, s] >= ip[I_PEAK_BASELINE]
-        ch0 = _peak_adjust(st, 0, s, ch0, mature, fp)
-        ch1 = _peak_adjust(st, 1, s, ch1, mature, fp)
-        ch2 = _peak_adjust(st, 2, s, ch2, mature, fp)
-    rw.extra[b] = extra
-    ch3 = _stuck(st, s, x, fp, ip) if ip[I_HAS_STUCK] else 0.0
+        extra = max(pk.peak[0, s] - fp[F_PEAK_FLOOR], 0.0)
+        mature = armed and lk.count[0, s] >= ip[I_PEAK_BASELINE]
+        ch0 = _peak_adjust(pk, 0, s, ch0, mature, fp)
+        ch1 = _peak_adjust(pk, 1, s, ch1, mature, fp)
+        ch2 = _peak_adjust(pk, 2, s, ch2, mature, fp)
+    rw.reals[b, RR_EXTRA] = extra
+    ch3 = _stuck(stk, s, x, fp, ip) if ip[I_HAS_STUCK] else 0.0
     if not live:
         ch0 = ch1 = ch2 = ch3 = 0.0
     top = ch0
@@ -399,45 +431,45 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
     top = max(top, 0.0)
     score = top / (top + 5.0)
     rw.score[b] = score
-    rw.fired[b] = fired
+    rw.ints[b, RI_FIRED] = fired
 
     # IncidentFilter.step
     thr = fp[F_THRESHOLD]
-    above = st.in_above[s] + 1 if (score >= thr and armed) else 0
-    was_open = st.in_open[s]
-    cool = max(st.in_cooldown[s] - 1, 0)
+    above = inc.above[s] + 1 if (score >= thr and armed) else 0
+    was_open = inc.open[s]
+    cool = max(inc.cooldown[s] - 1, 0)
     opened = (not was_open) and above >= ip[I_MIN_DURATION] and cool == 0
     closed = was_open and score < fp[F_RELEASE]
     now_open = (was_open and not closed) or opened
-    if opened or (now_open and score > st.in_peak[s]):
-        st.in_peak_ts[s] = ts
-        st.in_peak[s] = score
+    if opened or (now_open and score > inc.peak[s]):
+        inc.peak_ts[s] = ts
+        inc.peak[s] = score
     if opened:
-        st.in_length[s] = 1
+        inc.length[s] = 1
     elif now_open:
-        st.in_length[s] += 1
-    st.in_cooldown[s] = ip[I_COOLDOWN] if closed else cool
-    st.in_above[s] = above
-    st.in_open[s] = now_open
-    rw.inc_peak[b] = st.in_peak[s]
-    rw.inc_peak_ts[b] = st.in_peak_ts[s]
-    rw.inc_length[b] = st.in_length[s]
+        inc.length[s] += 1
+    inc.cooldown[s] = ip[I_COOLDOWN] if closed else cool
+    inc.above[s] = above
+    inc.open[s] = now_open
+    rw.reals[b, RR_INC_PEAK] = inc.peak[s]
+    rw.reals[b, RR_INC_PEAK_TS] = inc.peak_ts[s]
+    rw.ints[b, RI_INC_LENGTH] = inc.length[s]
     # GroupDetector._accept
     accepted = False
-    if ip[I_ACCEPT_AFTER] > 0 and now_open and not opened and st.in_length[s] >= ip[I_ACCEPT_AFTER]:
+    if ip[I_ACCEPT_AFTER] > 0 and now_open and not opened and inc.length[s] >= ip[I_ACCEPT_AFTER]:
         accepted = True
-        st.in_open[s] = False
-        st.in_above[s] = 0
-        st.in_cooldown[s] = ip[I_COOLDOWN]
-    rw.opened[b] = opened
-    rw.closed[b] = closed or accepted
-    rw.accepted[b] = accepted
+        inc.open[s] = False
+        inc.above[s] = 0
+        inc.cooldown[s] = ip[I_COOLDOWN]
+    rw.flags[b, RF_OPENED] = opened
+    rw.flags[b, RF_CLOSED] = closed or accepted
+    rw.flags[b, RF_ACCEPTED] = accepted
     rw.is_anomaly[b] = now_open
     # GroupDetector._alert
-    peak = st.alert_peak[s]
+    peak = clock.alert_peak[s]
     rw.alert[b] = score if (score > peak and (opened or not now_open)) else 0.0
     decayed = peak if now_open else peak - 1.0 / max(ip[I_COOLDOWN], 1)
-    st.alert_peak[s] = max(score, decayed)
+    clock.alert_peak[s] = max(score, decayed)
 
     suspicious = now_open or score >= min(thr, fp[F_PROTECT_SCORE]) or evidence >= fp[F_PROTECT_LOG10]
     weight = 1.0
@@ -445,176 +477,174 @@ def score_reading(b, s, ts, x, st, rw, fp, ip, wk):
         weight = 0.0
     elif suspicious and ip[I_PROTECTION] == 2:
         weight = fp[F_DAMP]
-    rw.suspicious[b] = suspicious
-    rw.weight[b] = weight
-    rw.learn[b] = seen >= ip[I_SCALING_WARMUP]
+    rw.flags[b, RF_SUSPICIOUS] = suspicious
+    rw.reals[b, RR_WEIGHT] = weight
+    rw.flags[b, RF_LEARN] = seen >= ip[I_SCALING_WARMUP]
     return True
 
 
 # --- one reading: the model step (ModelBank.step) -------------------------------------------
 
 
-@register_jitable
-def train_reading(b, s, st, rw, ip, wk, ch):
-    """Count the reading towards `train_every`; train on the window when due. Shared weights
-    accumulate the gradient into acc[ch] (the driver applies one update per segment)."""
-    st.since_train[s] += 1
-    due = st.since_train[s] >= ip[I_TRAIN_EVERY]
+@_jitable
+def train_weight(b, s, model, rw, ip):
+    """Count the reading towards `train_every`: the weight to train on the window with now
+    (0: not due, not learning, or no window yet)."""
+    model.since_train[s] += 1
+    due = model.since_train[s] >= ip[I_TRAIN_EVERY]
     if due:
-        st.since_train[s] = 0
+        model.since_train[s] = 0
     rw.loss[b] = np.nan
-    rw.tstatus[b] = 0
-    scale = rw.weight[b] if (due and rw.learn[b]) else 0.0
-    n = st.ring_len[s]
-    if scale <= 0.0 or n == 0:
-        return
-    grad = wk.grad
-    shared = ip[I_SHARED] != 0
-    row = 0 if shared else s
-    step = st.adam_t[row] + 1
-    rw.loss[b] = window_grad(
-        st.theta[row], st.offs, st.hp, st.ip, step, s, st.ring_x, st.ring_h, st.ring_c, st.ring_pos[s], n, rw.z[b],
-        grad, wk.xs, wk.tg, wk.acts, wk.das, wk.hs, wk.cs, wk.masks, wk.rec, wk.bufs, wk.wt,
-    )
-    if shared:
+    rw.ints[b, RI_TSTATUS] = 0
+    if not (due and rw.flags[b, RF_LEARN]) or model.ring_len[s] == 0:
+        return 0.0
+    return rw.reals[b, RR_WEIGHT]  # 1, damp_factor or 0: training when > 0
+
+
+@_jitable
+def train_update(b, s, model, rw, ip, grad, acc, count, ch, scale, step):
+    """After the window's gradient (at Adam step `step`): per-sensor weights update now; shared
+    weights accumulate the gradient into acc[ch] / count[ch] (the driver applies one update per
+    segment)."""
+    if ip[I_SHARED]:
         if not all_finite(grad):
-            rw.tstatus[b] = STATUS_SKIPPED
+            rw.ints[b, RI_TSTATUS] = STATUS_SKIPPED
             return
         for k in range(grad.shape[0]):
-            wk.acc[ch, k] += scale * grad[k]
-        wk.count[ch] += 1
-    elif apply_update(st.theta[s], st.m[s], st.v[s], grad, step, st.hp[HP_LR] * scale, st.hp, st.ip[IP_OPTIMIZER]):
-        st.adam_t[s] = step
+            acc[ch, k] += scale * grad[k]
+        count[ch] += 1
+    elif apply_update(model.theta[s], model.m[s], model.v[s], grad, step, model.hp[HP_LR] * scale, model.hp,
+                      model.ip[IP_OPTIMIZER]):
+        model.adam_t[s] = step
     else:
-        rw.tstatus[b] = STATUS_SKIPPED
+        rw.ints[b, RI_TSTATUS] = STATUS_SKIPPED
 
 
 # --- one reading: the learning half -------------------------------------------------------
 
 
-@register_jitable
-def learn_reading(b, s, ts, x, st, rw, fp, ip, wk):
-    """The rest of GroupDetector._round after the model's training step: forward, then the
-    scale, score baselines and profiles learn; outputs in sensor units; resets."""
-    wrow = 0 if ip[I_SHARED] else s
-    fstatus = push_and_forward(s, rw.z[b], st.theta[wrow], st.offs, fp[F_INPUT_CLIP], st.h, st.c, st.ring_x,
-                               st.ring_h, st.ring_c, st.ring_pos, st.ring_len, st.pred, wk.gates, wk.buf)
+@_jitable
+def learn_reading(b, s, ts, x, st, rw, fp, ip, fstatus):
+    """The rest of GroupDetector._round after the model's step (training, then the forward
+    with status fstatus): the scale, score baselines and profiles learn; outputs in sensor
+    units; resets."""
+    clock, sc, lk, pk, stk, se, inc, md = st  # one load of each part (each st.part loads all of st)
     if fstatus == STATUS_RESET:
-        st.since_train[s] = 0
+        md.since_train[s] = 0
     I = x.shape[0]
-    O = st.pred.shape[1]
+    O = md.pred.shape[1]
     tlo = ip[I_TARGET_LO]
-    weight = rw.weight[b]
-    learn = rw.learn[b]
+    weight = rw.reals[b, RR_WEIGHT]
+    learn = rw.flags[b, RF_LEARN]
     is_anomaly = rw.is_anomaly[b]
 
     # RunningScaler.update (with its implausibility check)
     implausible = False
     if not ip[I_FIXED]:
-        w = 0.0 if rw.suspicious[b] else 1.0
-        count = st.sc_count[s]
+        w = 0.0 if rw.flags[b, RF_SUSPICIOUS] else 1.0
+        count = sc.count[s]
         first = count == 0
         if first:
             for f in range(I):
-                st.sc_mean[s, f] = x[f]
+                sc.mean[s, f] = x[f]
         n = count + w
         alpha = w / max(n, 1e-12) if n > 0 else 0.0
         alpha = max(alpha, w / fp[F_HORIZON])
         if first:
             alpha = 0.0
         for f in range(I):
-            mean = st.sc_mean[s, f]
+            mean = sc.mean[s, f]
             delta = x[f] - mean
-            spread = math.sqrt(st.sc_var[s, f])
+            spread = math.sqrt(sc.var[s, f])
             floor = max(fp[F_REL_FLOOR] * abs(mean), fp[F_ABS_FLOOR])
             if count >= ROBUST_AFTER and spread > floor:
                 limit = CLIP_K * spread
                 delta = min(max(delta, -limit), limit)
-            st.sc_mean[s, f] = mean + alpha * delta
-            st.sc_var[s, f] = (1 - alpha) * (st.sc_var[s, f] + alpha * delta * delta)
-        st.sc_count[s] = min(n, fp[F_HORIZON])
+            sc.mean[s, f] = mean + alpha * delta
+            sc.var[s, f] = (1 - alpha) * (sc.var[s, f] + alpha * delta * delta)
+        sc.count[s] = min(n, fp[F_HORIZON])
         for f in range(I):  # RunningScaler._check
-            change = abs(x[f] - st.sc_prev[s, f])
-            st.sc_prev[s, f] = x[f]
-            nd = st.sc_ndiff[s, f]
+            change = abs(x[f] - sc.prev[s, f])
+            sc.prev[s, f] = x[f]
+            nd = sc.ndiff[s, f]
             if math.isfinite(change) and change > 0:
                 nd = min(nd + 1, DIFF_HORIZON)
-                st.sc_logdiff[s, f] += (math.log(change) - st.sc_logdiff[s, f]) / max(nd, 1)
-            st.sc_ndiff[s, f] = nd
-            mean = st.sc_mean[s, f]
-            std = max(math.sqrt(st.sc_var[s, f]), max(fp[F_REL_FLOOR] * abs(mean), fp[F_ABS_FLOOR]))
+                sc.logdiff[s, f] += (math.log(change) - sc.logdiff[s, f]) / max(nd, 1)
+            sc.ndiff[s, f] = nd
+            mean = sc.mean[s, f]
+            std = max(math.sqrt(sc.var[s, f]), max(fp[F_REL_FLOOR] * abs(mean), fp[F_ABS_FLOOR]))
             if not math.isfinite(mean) or not math.isfinite(std):
                 implausible = True
-            elif nd >= DIFF_MIN and st.sc_logdiff[s, f] < math.log(std) - LOG_IMPLAUSIBLE:
+            elif nd >= DIFF_MIN and sc.logdiff[s, f] < math.log(std) - LOG_IMPLAUSIBLE:
                 implausible = True
         if implausible:
             for f in range(I):
-                st.sc_mean[s, f] = 0.0
-                st.sc_var[s, f] = 0.0
-            st.sc_count[s] = 0.0
+                sc.mean[s, f] = 0.0
+                sc.var[s, f] = 0.0
+            sc.count[s] = 0.0
 
-    _scorer_update(st, 1, s, rw.range_smoothed[b], weight if (learn and not is_anomaly) else 0.0, fp)
-    if rw.accepted[b]:
-        _rebase(st, s, x, fp, ip)
-    _scorer_update(st, 0, s, rw.smoothed[b], weight if (rw.has_pred[b] and learn) else 0.0, fp)
+    _scorer_update(lk, 1, s, rw.reals[b, RR_RANGE_SMOOTHED], weight if (learn and not is_anomaly) else 0.0, fp)
+    if rw.flags[b, RF_ACCEPTED]:
+        _rebase(sc, lk, s, x, fp, ip)
+    _scorer_update(lk, 0, s, rw.reals[b, RR_SMOOTHED], weight if (rw.flags[b, RF_HAS_PRED] and learn) else 0.0, fp)
 
     # SeasonalProfiles.update (storage was allocated by the driver before this reading)
-    K = st.se_periods.shape[0]
+    K = se.periods.shape[0]
     if K > 0:
         for k in range(K):
-            _scorer_update(st, 2 + k, s, rw.season_smoothed[b, k],
+            _scorer_update(lk, 2 + k, s, rw.season_smoothed[b, k],
                            weight if (rw.season_ok[b, k] and learn) else 0.0, fp)
         w = weight if (learn and not is_anomaly) else 0.0
-        iv = st.interval[s]
+        iv = clock.interval[s]
         for k in range(K):
-            row = _season_row(st, s, k, ts)
+            row = _season_row(se, s, k, ts)
             if row < 0:
                 continue
-            per_visit = max(st.se_width[s, k] / max(iv, 1e-9), 1.0)
+            per_visit = max(se.width[s, k] / max(iv, 1e-9), 1.0)
             a = (1.0 - (1.0 - fp[F_SEASON_ALPHA]) ** (1.0 / per_visit)) * w
             for o in range(O):
-                old = np.float64(st.se_pool[row, o])
+                old = np.float64(se.pool[row, o])
                 v = x[tlo + o]
                 if math.isnan(old):
                     new = v if w > 0 else np.nan
                 else:
                     new = old + a * (v - old)
-                st.se_pool[row, o] = new
-        if math.isnan(st.se_start[s]):
-            st.se_start[s] = ts
+                se.pool[row, o] = new
+        if math.isnan(se.start[s]):
+            se.start[s] = ts
 
     # interval and clock of the sensor
-    st.seen[s] += 1
-    dt = ts - st.last_ts[s]
+    clock.seen[s] += 1
+    dt = ts - clock.last_ts[s]
     if math.isfinite(dt):
-        if st.interval[s] == 0:
-            st.interval[s] = dt
+        if clock.interval[s] == 0:
+            clock.interval[s] = dt
         else:
-            a = 0.5 if st.seen[s] <= 5 else 0.05
-            st.interval[s] += a * (dt - st.interval[s])
-    st.last_ts[s] = ts
+            a = 0.5 if clock.seen[s] <= 5 else 0.05
+            clock.interval[s] += a * (dt - clock.interval[s])
+    clock.last_ts[s] = ts
 
     # outputs in sensor units (with the scale as it is now, as the NumPy path)
-    L0 = fp[F_BAND_L0] + rw.extra[b]
-    mean, sigma = _moments(st, 0, s, fp)
-    z = fp[F_BAND_Z0] if rw.extra[b] == 0.0 else z_for_tail(10.0 ** -L0)
+    L0 = fp[F_BAND_L0] + rw.reals[b, RR_EXTRA]
+    mean, sigma = _moments(lk, 0, s, fp)
+    z = fp[F_BAND_Z0] if rw.reals[b, RR_EXTRA] == 0.0 else z_for_tail(10.0 ** -L0)
     band = mean + z * sigma
     for o in range(O):
-        p = rw.prediction[b, o] * _std(st, s, tlo + o, fp, ip) + _mean(st, s, tlo + o, fp, ip)
-        if rw.has_pred[b]:
+        p = rw.prediction[b, o] * _std(sc, s, tlo + o, fp, ip) + _mean(sc, s, tlo + o, fp, ip)
+        if rw.flags[b, RF_HAS_PRED]:
             rw.prediction[b, o] = p
             rw.residual[b, o] = x[tlo + o] - p
         else:
             rw.prediction[b, o] = np.nan
             rw.residual[b, o] = np.nan
         rw.band[b, o] = band * rw.std[b, o]
-    if max(rw.tstatus[b], fstatus) == STATUS_RESET:
-        rw.reset_nonfinite[b] = True
-        _reset_model(st, s)
+    if max(rw.ints[b, RI_TSTATUS], fstatus) == STATUS_RESET:
+        rw.flags[b, RF_RESET_NONFINITE] = True
+        _reset_model(md, lk, s)
     if implausible:
-        rw.reset_implausible[b] = True
-        _reset_model(st, s)
-        st.seen[s] = 0
+        rw.flags[b, RF_RESET_IMPLAUSIBLE] = True
+        _reset_model(md, lk, s)
+        clock.seen[s] = 0
 
 
 # --- walks -----------------------------------------------------------------------------------
@@ -622,7 +652,7 @@ def learn_reading(b, s, ts, x, st, rw, fp, ip, wk):
 # error_model="numpy": no divide-by-zero exception checks, which keep the activations' loops
 # scalar (replay of one series measured 77k -> 97k readings/s); every division here is guarded
 # (scales have floors, counts are >= 1), and a zero would give inf/NaN, which the pass checks.
-_PASS = dict(cache=True, nogil=True, _nrt=False, error_model="numpy")
+_PASS = dict(cache=True, nogil=True, _nrt=False, error_model="numpy", no_cfunc_wrapper=True)
 
 
 @njit(**_PASS)
@@ -648,41 +678,58 @@ def walk(lo, hi, segment, phase, r_from, r_to, update, order, first, nread, slot
             r = progress[j]
             while r < n:
                 b = order[first[j] + r]
-                if profile_due(st, s, ts[b], fp, ip):
+                if profile_due(st.clock, st.se, s, ts[b], fp, ip):
                     stop[j] = True
                     break
-                if score_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk):
-                    train_reading(b, s, st, rw, ip, wk, ch)
-                    learn_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk)
+                if score_reading(b, s, ts[b], values[b], st, rw, fp, ip, wk.season):
+                    # The model step (ModelBank.step): train when due, then the forward. The two
+                    # big kernels are called from here, not from helpers: each jitted level
+                    # compiles (optimises and emits) everything below it again.
+                    md = st.model
+                    row = 0 if ip[I_SHARED] else s
+                    scale = train_weight(b, s, md, rw, ip)
+                    if scale > 0.0:
+                        step = md.adam_t[row] + 1
+                        rw.loss[b] = window_grad(
+                            md.theta[row], md.offs, md.hp, md.ip, step, s, md.ring_x, md.ring_h, md.ring_c,
+                            md.ring_pos[s], md.ring_len[s], rw.z[b], wk.grad, wk.xs, wk.tg, wk.acts, wk.das, wk.hs,
+                            wk.cs, wk.masks, wk.rec, wk.bufs, wk.wt,
+                        )
+                        train_update(b, s, md, rw, ip, wk.grad, wk.acc, wk.count, ch, scale, step)
+                    fstatus = push_and_forward(s, rw.z[b], md.theta[row], md.offs, fp[F_INPUT_CLIP], md.h, md.c,
+                                               md.ring_x, md.ring_h, md.ring_c, md.ring_pos, md.ring_len, md.pred,
+                                               wk.gates, wk.buf)
+                    learn_reading(b, s, ts[b], values[b], st, rw, fp, ip, fstatus)
                 r += 1
             progress[j] = r
         for j in range(lo, hi):
             if stop[j]:
                 return r_from
         if update and (r_end + phase) % segment == 0:
-            _segment_update(st, wk.acc, wk.count, wk.mean, True)
+            _segment_update(st.model, wk.acc, wk.count, wk.mean, True)
         r_from = r_end
         r_end = min(r_end + segment, r_to)
     return r_to
 
 
-@register_jitable
-def _segment_update(st, acc, count, mean, apply):
-    """The threads' gradient sums join the pending sum (st.grad_sum, which a segment left
+@_jitable
+def _segment_update(model, acc, count, mean, apply):
+    """The threads' gradient sums join the pending sum (model.grad_sum, which a segment left
     unfinished by the previous batch started); with `apply` the segment is over: one update
     from the mean, and nothing is pending."""
-    P = st.grad_sum.shape[1]
+    P = model.grad_sum.shape[1]
     for ch in range(count.shape[0]):
         if count[ch]:
             for k in range(P):
-                st.grad_sum[0, k] += acc[ch, k]
+                model.grad_sum[0, k] += acc[ch, k]
                 acc[ch, k] = 0.0
-            st.grad_count[0] += count[ch]
+            model.grad_count[0] += count[ch]
             count[ch] = 0
     if apply:
-        shared_update(st.theta, st.m, st.v, st.adam_t, st.hp, st.ip, st.grad_sum, st.grad_count, mean)
+        shared_update(model.theta, model.m, model.v, model.adam_t, model.hp, model.ip, model.grad_sum, model.grad_count,
+                      mean)
 
 
 @njit(**_PASS)
-def segment_update(st, acc, count, mean, apply):
-    _segment_update(st, acc, count, mean, apply)
+def segment_update(model, acc, count, mean, apply):
+    _segment_update(model, acc, count, mean, apply)

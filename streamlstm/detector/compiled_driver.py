@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 from numba import get_num_threads
@@ -118,35 +119,28 @@ class CompiledPass:
         b = g.bank
         wide, flat = (lambda: self._blank((n, I))), (lambda: self._blank((n,)))  # noqa: E731
         return k.State(
-            g.last_ts, g.interval, g.seen, g.alert_peak, g.clock.run, g.clock.prev,
-            *((scal.mean, scal.var, scal.count, scal.prev, scal.logdiff, scal.ndiff) if scal else
-              (wide(), wide(), flat(), wide(), wide(), wide())),
-            *(g.score_store.arrays[name] for name in ("smooth", "mean", "var", "fmean", "fvar", "count")),
-            g.peak_store.arrays["peak"], g.peak_store.arrays["base"],
-            *((st.last, st.run, st.longest, st.repeats, st.total) if st else (wide(), flat(), flat(), flat(), flat())),
-            *((se.start, se.offset, se.bins, se.bin_width, se.pool, se.periods) if se else
-              (flat(), self._blank((n, 0), np.int64), self._blank((n, 0), np.int64), self._blank((n, 0)),
-               self._blank((1, O), np.float32), self._blank((0,)))),
-            g.incidents.above, g.incidents.open, g.incidents.cooldown, g.incidents.peak, g.incidents.peak_ts,
-            g.incidents.length,
-            b.theta, b.m, b.v, b.adam_t, b.h, b.c, b.ring_x, b.ring_h, b.ring_c, b.ring_pos, b.ring_len, b.pred,
-            b.since_train, b.offs, self.hp, self.model_ip,
-            *((b.grad_sum, b.grad_count) if g.shared else
-              (self._blank((1, 0), b.theta.dtype), self._blank((1,), np.int64))),
+            k.Clock(g.last_ts, g.interval, g.seen, g.alert_peak, g.clock.run, g.clock.prev),
+            k.Scale(*((scal.mean, scal.var, scal.count, scal.prev, scal.logdiff, scal.ndiff) if scal else
+                      (wide(), wide(), flat(), wide(), wide(), wide()))),
+            k.Scores(*(g.score_store.arrays[name] for name in ("smooth", "mean", "var", "fmean", "fvar", "count"))),
+            k.Peaks(g.peak_store.arrays["peak"], g.peak_store.arrays["base"]),
+            k.Stuck(*((st.last, st.run, st.longest, st.repeats, st.total) if st else
+                      (wide(), flat(), flat(), flat(), flat()))),
+            k.Seasons(*((se.start, se.offset, se.bins, se.bin_width, se.pool, se.periods) if se else
+                        (flat(), self._blank((n, 0), np.int64), self._blank((n, 0), np.int64), self._blank((n, 0)),
+                         self._blank((1, O), np.float32), self._blank((0,))))),
+            k.Incidents(g.incidents.above, g.incidents.open, g.incidents.cooldown, g.incidents.peak,
+                        g.incidents.peak_ts, g.incidents.length),
+            k.Model(b.theta, b.m, b.v, b.adam_t, b.h, b.c, b.ring_x, b.ring_h, b.ring_c, b.ring_pos, b.ring_len, b.pred,
+                    b.since_train, b.offs, self.hp, self.model_ip,
+                    *((b.grad_sum, b.grad_count) if g.shared else
+                      (self._blank((1, 0), b.theta.dtype), self._blank((1,), np.int64)))),
         )
 
     def _rows(self, B, out) -> k.Rows:
         g = self.group
-        I, O = g.spec.input_size, g.spec.output_size
         K = g.seasonal.n_periods if g.seasonal is not None else 0
-        flag = lambda: np.zeros(B, np.bool_)  # noqa: E731
-        return k.Rows(
-            np.zeros(B, np.int8), out.prediction, out.residual, out.score, out.alert, out.is_anomaly, out.band, out.loss,
-            np.zeros(B, np.int8), flag(), flag(), flag(), flag(), np.zeros(B), np.zeros(B), np.zeros(B),
-            np.zeros(B, np.int64), np.zeros(B), np.zeros(B), np.zeros(B, np.int64), flag(), flag(), flag(), flag(),
-            np.zeros((B, I), g.spec.np_dtype), np.zeros(B), flag(), flag(), flag(), np.zeros(B), np.zeros(B),
-            np.zeros((B, K)), np.zeros((B, K), np.bool_), np.zeros((B, O)), np.zeros(B), np.zeros(B, np.int64),
-        )
+        return k.make_rows(B, g.spec.input_size, g.spec.output_size, K, g.spec.np_dtype, out)
 
     # --- one batch ----------------------------------------------------------------------
 
@@ -177,7 +171,7 @@ class CompiledPass:
     def _works(self, st, n: int):
         """n thread scratches; they share the gradient sums (one row each)."""
         if len(self._work) < n:
-            acc = np.zeros((n, st.theta.shape[1]), st.theta.dtype)
+            acc = np.zeros((n, st.model.theta.shape[1]), st.model.theta.dtype)
             count = np.zeros(n, np.int64)
             if self._work:  # sums of a walk in progress move along
                 old = self._work[0]
@@ -215,7 +209,7 @@ class CompiledPass:
                 if not stop.any():
                     if g.shared:
                         w0 = works[0]
-                        k.segment_update(st, w0.acc, w0.count, w0.mean, (r_end + phase) % segment == 0)
+                        k.segment_update(st.model, w0.acc, w0.count, w0.mean, (r_end + phase) % segment == 0)
                     r = r_end
             else:  # the remaining segments in one call (each narrower than this one)
                 wk = self._works(st, 1)[0]
@@ -227,7 +221,7 @@ class CompiledPass:
                 stop[:] = False
         if g.shared:  # a segment the batch ended in the middle of: its sums stay pending
             w0 = self._works(st, 1)[0]
-            k.segment_update(st, w0.acc, w0.count, w0.mean, False)
+            k.segment_update(st.model, w0.acc, w0.count, w0.mean, False)
             g.bank.phase[0] = (phase + longest) % segment
 
     def _map(self, kernel, calls):
@@ -257,7 +251,7 @@ class CompiledPass:
         k.walk(zero, zero, 1, zero, zero, zero, False, none, none, none, none, none, stop, ts, values, st, rw, self.fp,
                self.ip, wk, zero)
         if g.shared:
-            k.segment_update(st, wk.acc, np.zeros_like(wk.count), wk.mean, False)
+            k.segment_update(st.model, wk.acc, np.zeros_like(wk.count), wk.mean, False)
 
     def _allocate(self, slots, ts):
         """Seasonal storage that became due (SeasonalProfiles._enable, as the NumPy path)."""
@@ -266,6 +260,7 @@ class CompiledPass:
 
     def _finish(self, slots, ts, values, rw, out, good):
         g = self.group
+        rw = SimpleNamespace(**k.row_columns(rw))
         reason = rw.reason
         for i in np.flatnonzero(reason):
             out.reason[i] = REASONS[int(reason[i])]
