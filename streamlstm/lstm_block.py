@@ -23,9 +23,15 @@ Scratch (dtype of the state):
   gates (n, 4H)             the block's gate tile
   z     (n, max(I, H) + H)  per sensor [layer input, h of the layer]: the tile's left operand
 """
+import math
+
 from numba.extending import register_jitable
 
-from .lstm_math import STATUS_OK, STATUS_RESET, all_finite, copy_state, reset_slot
+from .gate_tile import COLS as TILE_COLS
+from .gate_tile import ROWS as TILE_ROWS
+from .gate_tile import lanes, tile_gates
+from .lstm_math import STATUS_OK, STATUS_RESET, copy_state, reset_slot
+from .prefetch import prefetch_array
 from .scalar_math import clip_value, sigmoid_act, tanh_act
 
 TILE_BYTES = 16384  # the gate tile's share of a 32 KiB L1: the weight rows and z need the rest
@@ -41,25 +47,44 @@ def copy_row(dst, src):
 @register_jitable
 def block_gates(W, bias, z, n, gates):
     """gates[r] = bias + z[r, :K] @ W for r < n; W (K, 4H) is [Wx; Wh] (contiguous in the
-    layout). Four weight rows per pass over the block, summed in row order."""
-    K = W.shape[0]
+    layout). The register tile (`gate_tile`) takes the rows and columns it covers (all of them
+    at H=64, n=16), `loop_gates` the rest; both sum bias, then rows 0..K-1 in order."""
     G = W.shape[1]
-    for r in range(n):
-        for g in range(G):
-            gates[r, g] = bias[g]
+    n_rows = n - n % TILE_ROWS
+    n_cols = G - G % (TILE_COLS * lanes(gates.itemsize))
+    if n_rows > 0 and n_cols > 0:
+        tile_gates(W, bias, z, gates, n_rows, n_cols)
+    else:
+        n_rows = 0
+    loop_gates(W, bias, z, n_rows, n, 0, G, gates)
+    loop_gates(W, bias, z, 0, n_rows, n_cols, G, gates)
+
+
+@register_jitable
+def loop_gates(W, bias, z, r_lo, r_hi, g_lo, g_hi, gates):
+    """block_gates for rows r_lo..r_hi and columns g_lo..g_hi as vectorised loops: four weight
+    rows per pass over the rows, summed in row order (the gates go through memory each pass)."""
+    if r_lo >= r_hi or g_lo >= g_hi:
+        return
+    K = W.shape[0]
+    b = bias[g_lo:g_hi]
+    for r in range(r_lo, r_hi):
+        row = gates[r, g_lo:g_hi]
+        for g in range(row.shape[0]):
+            row[g] = b[g]
     k = 0
     while k + 4 <= K:
-        w0 = W[k]
-        w1 = W[k + 1]
-        w2 = W[k + 2]
-        w3 = W[k + 3]
-        for r in range(n):
+        w0 = W[k, g_lo:g_hi]
+        w1 = W[k + 1, g_lo:g_hi]
+        w2 = W[k + 2, g_lo:g_hi]
+        w3 = W[k + 3, g_lo:g_hi]
+        for r in range(r_lo, r_hi):
             z0 = z[r, k]
             z1 = z[r, k + 1]
             z2 = z[r, k + 2]
             z3 = z[r, k + 3]
-            row = gates[r]
-            for g in range(G):
+            row = gates[r, g_lo:g_hi]
+            for g in range(row.shape[0]):
                 a = row[g]
                 a += z0 * w0[g]
                 a += z1 * w1[g]
@@ -68,11 +93,11 @@ def block_gates(W, bias, z, n, gates):
                 row[g] = a
         k += 4
     while k < K:
-        w0 = W[k]
-        for r in range(n):
+        w0 = W[k, g_lo:g_hi]
+        for r in range(r_lo, r_hi):
             z0 = z[r, k]
-            row = gates[r]
-            for g in range(G):
+            row = gates[r, g_lo:g_hi]
+            for g in range(row.shape[0]):
                 row[g] += z0 * w0[g]
         k += 1
 
@@ -150,12 +175,41 @@ def push_block(slots, x, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len)
 
 
 @register_jitable
+def finite_rows(a):
+    """Whether every value of the 2-D array a is finite: `lstm_math.all_finite` without its early
+    exit, so that the loop vectorises (an and-reduction; ~5 ns for a sensor's 64 cells instead
+    of ~40 ns one value at a time)."""
+    ok = True
+    for i in range(a.shape[0]):
+        row = a[i]
+        for j in range(row.shape[0]):
+            ok = ok & (abs(row[j]) < math.inf)
+    return ok
+
+
+@register_jitable
+def prefetch_block(slots, h, c, ring_x, ring_h, ring_c, ring_pos, pred):
+    """Prefetch (for writing) every row `push_and_forward_block` will touch for these sensors:
+    the BPTT ring rows at their ring positions (cold: last written a window of readings ago),
+    their state and prediction. Issued for the next block while the current one computes."""
+    for r in range(slots.shape[0]):
+        s = slots[r]
+        pos = ring_pos[s]
+        prefetch_array(ring_h[s, pos])
+        prefetch_array(ring_c[s, pos])
+        prefetch_array(ring_x[s, pos : pos + 1])
+        prefetch_array(h[s])
+        prefetch_array(c[s])
+        prefetch_array(pred[s : s + 1])
+
+
+@register_jitable
 def check_block(slots, h, c, ring_len, ring_pos, pred, status):
     """status[r] per sensor; a non-finite state or prediction resets the sensor (as
     `lstm_math.push_and_forward`)."""
     for r in range(slots.shape[0]):
         s = slots[r]
-        if all_finite(pred[s]) and all_finite(c[s]):
+        if finite_rows(pred[s : s + 1]) and finite_rows(c[s]):
             status[r] = STATUS_OK
         else:
             reset_slot(s, h, c, ring_len, ring_pos, pred)
