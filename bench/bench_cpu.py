@@ -9,7 +9,11 @@ Measures (ratios are torch time / our time, > 1 means we are faster):
   batched forward, shared weights, B in {64, 1024, 10000}, H=64   vs LSTMCell on the batch,
       with GFLOP/s next to this machine's sgemm peak measured in the same run: the blocked
       (GEMM-shaped, lstm_block) path the bank uses, and the per-sensor path it replaced;
-      the four timed in turns (medians and best rounds)
+      the four timed in turns (medians and best rounds). The peak: a 2048^3 float32 matmul
+      (numpy/OpenBLAS, 2 * 2048^3 flops) with the kernels' thread count, same statistic.
+      A forward step's flops: B * (2 * 4H * (I + H) + 2 * H * O) with I = O = 1, i.e. a
+      multiply and an add per weight of the gate product and of the head; the activations,
+      the cell update and the ring push are work on top that is not counted.
   JIT compile time of the batched forward kernels (serial + prange driver, float32), cold:
       the per-sensor kernels against the shared-weight block kernels, fresh processes
   per-sensor weights, B=10000, H=64              vs torch.baddbmm, with GB/s next to memory bandwidth

@@ -3,8 +3,11 @@
 With shared weights every sensor multiplies its [input, h] by the same (I + H, 4H) matrix.
 `lstm_math.forward_one` does that one sensor at a time (a matrix-vector product: each weight
 comes from L2 for one multiply-add). Here a block of n sensors (`block_rows`: 16 at H=64
-float32) fills an (n, 4H) gate tile: four weight rows at a time are loaded once and serve every
-sensor of the block from L1, so the loop is bound by arithmetic, not by weight loads.
+float32) fills an (n, 4H) gate tile: `gate_tile` sums 4 sensors x 16 gates at a time over all
+weight rows in registers (each weight vector loaded once serves four sensors), so the product
+runs near the multiply and add ports' rate; `loop_gates` covers what the tile leaves (rows or
+columns past its multiples). While a block computes, the rows the next block will touch (its
+BPTT ring rows, cold, and its state) are prefetched (`prefetch`).
 
 The same numbers as `forward_one`, bit for bit: each pre-activation is summed in the same
 order (bias, input rows, hidden rows; no fused multiply-add), the activations are the same
@@ -218,12 +221,18 @@ def check_block(slots, h, c, ring_len, ring_pos, pred, status):
 
 @register_jitable
 def push_and_forward_block(
-    slots, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, gates, z
+    slots, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, gates, z,
+    next_slots,
 ):
     """`lstm_math.push_and_forward` for a block of n sensors sharing theta_row: slots (n,)
     distinct, n <= gates.shape[0]; x (n, I) their readings; status (n,) out. Each sensor's
     reading and state go to its BPTT ring, (h, c) advance in place, the next prediction goes
-    to pred; a non-finite state or prediction resets the sensor (STATUS_RESET)."""
+    to pred; a non-finite state or prediction resets the sensor (STATUS_RESET).
+
+    next_slots: the sensors of the block the caller runs next (may be empty), whose rows are
+    prefetched once the last gate product is done: early enough to arrive (the activations
+    take ~0.7 us per block), late enough not to be evicted by the weight rows streaming
+    through L1 during the gate products."""
     n = slots.shape[0]
     L = h.shape[1]
     H = h.shape[2]
@@ -240,6 +249,8 @@ def push_and_forward_block(
         for r in range(n):
             copy_row(z[r, n_in : n_in + H], h[slots[r], layer])
         block_gates(theta_row[wx : wx + K * G].reshape((K, G)), theta_row[bo : bo + G], z, n, gates)
+        if layer == L - 1:
+            prefetch_block(next_slots, h, c, ring_x, ring_h, ring_c, ring_pos, pred)
         block_cell(gates, n, slots, layer, h, c, z)
         n_in = H
     block_head(theta_row, offs, slots, n, H, z, pred)
