@@ -319,6 +319,7 @@ def main():
     import numba
 
     threads = numba.get_num_threads()
+    load_start = os.getloadavg()  # other jobs on the (shared) machine: recorded beside the figures
     torch = try_torch(threads)
     rng = np.random.default_rng(0)
     out = []
@@ -332,7 +333,8 @@ def main():
         bench_compile_forward(out)
         bench_compile(out)
     info = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
-                cpu=_cpu_name(), threads=threads, numba=numba.__version__, torch=torch.__version__ if torch else None)
+                cpu=_cpu_name(), threads=threads, numba=numba.__version__, torch=torch.__version__ if torch else None,
+                loadavg_1min_start=load_start[0], loadavg_1min_end=os.getloadavg()[0])
     print(json.dumps(info))
     for row in out:
         print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
