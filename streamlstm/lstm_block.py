@@ -106,27 +106,28 @@ def loop_gates(W, bias, z, r_lo, r_hi, g_lo, g_hi, gates):
 
 
 @register_jitable
-def block_cell(gates, n, slots, layer, h, c, z):
-    """Activations and cell update of layer `layer` for the block's n sensors; the new h also
-    goes to z[r, :H], the next layer's input (or the head's).
+def cell_row(g, cs, hs, zr):
+    """Activations and cell update of one sensor's layer from its gate pre-activations g (4H):
+    cs, hs (H) advance in place, the new h also goes to zr[:H] (the next layer's input, or the
+    head's). Returns whether every new c is finite: an and-reduction inside the vectorised loop
+    instead of a pass of its own over the state afterwards.
 
     The loop runs over views that start at index 0: with an index like `H + j`, which LLVM
     cannot prove non-negative, Numba's wraparound for negative indices keeps the loop scalar."""
-    H = h.shape[2]
-    for r in range(n):
-        ig = gates[r, :H]
-        fg = gates[r, H : 2 * H]
-        gg = gates[r, 2 * H : 3 * H]
-        og = gates[r, 3 * H : 4 * H]
-        cs = c[slots[r], layer]
-        hs = h[slots[r], layer]
-        zr = z[r, :H]
-        for j in range(H):
-            cn = sigmoid_act(fg[j]) * cs[j] + sigmoid_act(ig[j]) * tanh_act(gg[j])
-            cs[j] = cn
-            hn = sigmoid_act(og[j]) * tanh_act(cn)
-            hs[j] = hn
-            zr[j] = hn
+    H = cs.shape[0]
+    ig = g[:H]
+    fg = g[H : 2 * H]
+    gg = g[2 * H : 3 * H]
+    og = g[3 * H : 4 * H]
+    finite = True
+    for j in range(H):
+        cn = sigmoid_act(fg[j]) * cs[j] + sigmoid_act(ig[j]) * tanh_act(gg[j])
+        cs[j] = cn
+        hn = sigmoid_act(og[j]) * tanh_act(cn)
+        hs[j] = hn
+        zr[j] = hn
+        finite = finite & (abs(cn) < math.inf)
+    return finite
 
 
 @register_jitable
@@ -191,30 +192,34 @@ def finite_rows(a):
 
 
 @register_jitable
+def prefetch_sensor(s, h, c, ring_x, ring_h, ring_c, ring_pos, pred):
+    """Prefetch (for writing) every row `push_and_forward_block` will touch for sensor s: its
+    BPTT ring rows at its ring position (cold: last written a window of readings ago), its
+    state and prediction."""
+    pos = ring_pos[s]
+    prefetch_array(ring_h[s, pos])
+    prefetch_array(ring_c[s, pos])
+    prefetch_array(ring_x[s, pos : pos + 1])
+    prefetch_array(h[s])
+    prefetch_array(c[s])
+    prefetch_array(pred[s : s + 1])
+
+
+@register_jitable
 def prefetch_block(slots, h, c, ring_x, ring_h, ring_c, ring_pos, pred):
-    """Prefetch (for writing) every row `push_and_forward_block` will touch for these sensors:
-    the BPTT ring rows at their ring positions (cold: last written a window of readings ago),
-    their state and prediction. Issued for the next block while the current one computes."""
+    """`prefetch_sensor` for each of slots (the first block of a run; the others are prefetched
+    by the block before them)."""
     for r in range(slots.shape[0]):
-        s = slots[r]
-        pos = ring_pos[s]
-        prefetch_array(ring_h[s, pos])
-        prefetch_array(ring_c[s, pos])
-        prefetch_array(ring_x[s, pos : pos + 1])
-        prefetch_array(h[s])
-        prefetch_array(c[s])
-        prefetch_array(pred[s : s + 1])
+        prefetch_sensor(slots[r], h, c, ring_x, ring_h, ring_c, ring_pos, pred)
 
 
 @register_jitable
 def check_block(slots, h, c, ring_len, ring_pos, pred, status):
-    """status[r] per sensor; a non-finite state or prediction resets the sensor (as
-    `lstm_math.push_and_forward`)."""
+    """status[r] per sensor: a sensor whose new state (flagged STATUS_RESET by the cell step) or
+    prediction is not finite is reset (as `lstm_math.push_and_forward`)."""
     for r in range(slots.shape[0]):
         s = slots[r]
-        if finite_rows(pred[s : s + 1]) and finite_rows(c[s]):
-            status[r] = STATUS_OK
-        else:
+        if status[r] != STATUS_OK or not finite_rows(pred[s : s + 1]):
             reset_slot(s, h, c, ring_len, ring_pos, pred)
             status[r] = STATUS_RESET
 
@@ -230,9 +235,10 @@ def push_and_forward_block(
     to pred; a non-finite state or prediction resets the sensor (STATUS_RESET).
 
     next_slots: the sensors of the block the caller runs next (may be empty), whose rows are
-    prefetched once the last gate product is done: early enough to arrive (the activations
-    take ~0.7 us per block), late enough not to be evicted by the weight rows streaming
-    through L1 during the gate products."""
+    prefetched during the last layer's activations, one sensor after each of this block's:
+    early enough to arrive (the activations take ~0.3 us per sensor), late enough not to be
+    evicted by the weight rows streaming through L1 during the gate products, and spread out
+    so that the prefetches do not queue up behind each other."""
     n = slots.shape[0]
     L = h.shape[1]
     H = h.shape[2]
@@ -240,6 +246,7 @@ def push_and_forward_block(
     push_block(slots, x, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len)
     n_in = x.shape[1]
     for r in range(n):
+        status[r] = STATUS_OK
         for i in range(n_in):
             z[r, i] = clip_value(x[r, i], clip)
     for layer in range(L):
@@ -249,9 +256,12 @@ def push_and_forward_block(
         for r in range(n):
             copy_row(z[r, n_in : n_in + H], h[slots[r], layer])
         block_gates(theta_row[wx : wx + K * G].reshape((K, G)), theta_row[bo : bo + G], z, n, gates)
-        if layer == L - 1:
-            prefetch_block(next_slots, h, c, ring_x, ring_h, ring_c, ring_pos, pred)
-        block_cell(gates, n, slots, layer, h, c, z)
+        for r in range(n):
+            s = slots[r]
+            if not cell_row(gates[r], c[s, layer], h[s, layer], z[r]):
+                status[r] = STATUS_RESET  # check_block resets the sensor
+            if layer == L - 1 and r < next_slots.shape[0]:
+                prefetch_sensor(next_slots[r], h, c, ring_x, ring_h, ring_c, ring_pos, pred)
         n_in = H
     block_head(theta_row, offs, slots, n, H, z, pred)
     check_block(slots, h, c, ring_len, ring_pos, pred, status)
