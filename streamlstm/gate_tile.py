@@ -68,8 +68,13 @@ def tile_gates(typingctx, W, bias, z, gates, n_rows, n_cols):
         sW = cgutils.unpack_tuple(builder, W_a.strides, 2)[0]
         sz = cgutils.unpack_tuple(builder, z_a.strides, 2)[0]
         sg = cgutils.unpack_tuple(builder, g_a.strides, 2)[0]
-        isz = ir.Constant(intp, itemsize)
-        zero_mask = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
+        i32 = ir.IntType(32)
+
+        def const(v):
+            return ir.Constant(intp, v)
+
+        isz = const(itemsize)
+        zero_mask = ir.Constant(ir.VectorType(i32, vw), [0] * vw)
         undef = ir.Constant(vty, ir.Undefined)
         # the accumulators: allocas in the entry block, which LLVM promotes to registers
         acc = [[cgutils.alloca_once(builder, vty) for _ in range(COLS)] for _ in range(ROWS)]
@@ -80,35 +85,32 @@ def tile_gates(typingctx, W, bias, z, gates, n_rows, n_cols):
         def vload(ptr):
             return builder.load(ptr, align=itemsize)
 
-        step_cols = ir.Constant(intp, COLS * vw)
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), n_cols, step_cols, intp=intp) as (g, _):
+        def row_start(data, r, i, stride):  # address of row r + i
+            return at(data, builder.mul(builder.add(r, const(i)), stride), fptr)
+
+        with cgutils.for_range_slice(builder, const(0), n_cols, const(COLS * vw), intp=intp) as (g, _):
             g_off = builder.mul(g, isz)
-            with cgutils.for_range_slice(builder, ir.Constant(intp, 0), n_rows, ir.Constant(intp, ROWS), intp=intp) as (
-                r,
-                _,
-            ):
+            with cgutils.for_range_slice(builder, const(0), n_rows, const(ROWS), intp=intp) as (r, _):
                 for v in range(COLS):
-                    bv = vload(at(b_a.data, builder.add(g_off, ir.Constant(intp, v * vw * itemsize)), vptr))
+                    bv = vload(at(b_a.data, builder.add(g_off, const(v * vw * itemsize)), vptr))
                     for i in range(ROWS):
                         builder.store(bv, acc[i][v])
-                z_rows = [at(z_a.data, builder.mul(builder.add(r, ir.Constant(intp, i)), sz), fptr) for i in range(ROWS)]
+                z_rows = [row_start(z_a.data, r, i, sz) for i in range(ROWS)]
                 w_col = at(W_a.data, g_off, fptr)
                 with cgutils.for_range(builder, K, intp=intp) as loop:
                     k = loop.index
                     w_row = at(w_col, builder.mul(k, sW), fptr)
-                    w = [vload(at(w_row, ir.Constant(intp, v * vw * itemsize), vptr)) for v in range(COLS)]
+                    w = [vload(at(w_row, const(v * vw * itemsize), vptr)) for v in range(COLS)]
                     k_off = builder.mul(k, isz)
                     for i in range(ROWS):
                         zk = builder.load(at(z_rows[i], k_off, fptr))
-                        zb = builder.shuffle_vector(builder.insert_element(undef, zk, ir.Constant(ir.IntType(32), 0)), undef,
-                                                    zero_mask)
+                        zb = builder.shuffle_vector(builder.insert_element(undef, zk, i32(0)), undef, zero_mask)
                         for v in range(COLS):
                             builder.store(builder.fadd(builder.load(acc[i][v]), builder.fmul(zb, w[v])), acc[i][v])
                 for i in range(ROWS):
-                    g_row = at(g_a.data, builder.add(builder.mul(builder.add(r, ir.Constant(intp, i)), sg), g_off), fptr)
+                    g_row = at(row_start(g_a.data, r, i, sg), g_off, fptr)
                     for v in range(COLS):
-                        builder.store(builder.load(acc[i][v]), at(g_row, ir.Constant(intp, v * vw * itemsize), vptr),
-                                      align=itemsize)
+                        builder.store(builder.load(acc[i][v]), at(g_row, const(v * vw * itemsize), vptr), align=itemsize)
         return context.get_dummy_value()
 
     return types.void(W, bias, z, gates, types.intp, types.intp), codegen
