@@ -9,7 +9,12 @@ Measures (ratios are torch time / our time, > 1 means we are faster):
   batched forward, shared weights, B in {64, 1024, 10000}, H=64   vs LSTMCell on the batch,
       with GFLOP/s next to this machine's sgemm peak measured in the same run: the blocked
       (GEMM-shaped, lstm_block) path the bank uses, and the per-sensor path it replaced;
-      the four timed in turns (medians and best rounds)
+      the four timed in turns, one round each per pass (medians and best rounds). The peak:
+      a 2048^3 float32 matmul (numpy/OpenBLAS, 2 * 2048^3 flops) with the kernels' thread
+      count, same statistic.
+      A forward step's flops: B * (2 * 4H * (I + H) + 2 * H * O) with I = O = 1, i.e. a
+      multiply and an add per weight of the gate product and of the head; the activations,
+      the cell update and the ring push are work on top that is not counted.
   JIT compile time of the batched forward kernels (serial + prange driver, float32), cold:
       the per-sensor kernels against the shared-weight block kernels, fresh processes
   per-sensor weights, B=10000, H=64              vs torch.baddbmm, with GB/s next to memory bandwidth
@@ -203,7 +208,9 @@ def bench_batched(torch, rng, out, threads, H=64):
                     head(h2)
 
             fns["torch"] = torch_step
-        times = round_robin_times(fns, repeat=9)
+        # one round per pass: the load of other jobs on the shared VM comes and goes within
+        # seconds, and the sgemm peak must see the same load as what is compared with it
+        times = round_robin_times(fns, repeat=9, passes=9)
         med = {name: float(np.median(t)) for name, t in times.items()}
         best = {name: float(np.min(t)) for name, t in times.items()}
         for path in ("blocked", "per-sensor (before)"):
@@ -315,6 +322,7 @@ def main():
     import numba
 
     threads = numba.get_num_threads()
+    load_start = os.getloadavg()  # other jobs on the (shared) machine: recorded beside the figures
     torch = try_torch(threads)
     rng = np.random.default_rng(0)
     out = []
@@ -328,7 +336,8 @@ def main():
         bench_compile_forward(out)
         bench_compile(out)
     info = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
-                cpu=_cpu_name(), threads=threads, numba=numba.__version__, torch=torch.__version__ if torch else None)
+                cpu=_cpu_name(), threads=threads, numba=numba.__version__, torch=torch.__version__ if torch else None,
+                loadavg_1min_start=load_start[0], loadavg_1min_end=os.getloadavg()[0])
     print(json.dumps(info))
     for row in out:
         print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
 
-from .lstm_block import block_rows, block_scratch_width, push_and_forward_block
+from .lstm_block import block_rows, block_scratch_width, prefetch_block, push_and_forward_block
 from .lstm_math import (
     HP_LR,
     IP_OPTIMIZER,
@@ -81,13 +81,15 @@ def forward_batch_parallel(
 def forward_shared_serial(
     lo, hi, slots, x, theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred, status, gates, z
 ):
-    """Elements lo..hi in blocks of gates.shape[0] sensors (gates, z: lstm_block's scratch)."""
+    """Elements lo..hi in blocks of gates.shape[0] sensors (gates, z: lstm_block's scratch); each
+    block prefetches the next one's rows (the first block's are asked for here)."""
     block = gates.shape[0]
+    prefetch_block(slots[lo : min(lo + block, hi)], h, c, ring_x, ring_h, ring_c, ring_pos, pred)
     for b0 in range(lo, hi, block):
         b1 = min(b0 + block, hi)
         push_and_forward_block(
             slots[b0:b1], x[b0:b1], theta_row, offs, clip, h, c, ring_x, ring_h, ring_c, ring_pos, ring_len, pred,
-            status[b0:b1], gates, z,
+            status[b0:b1], gates, z, slots[b1 : min(b1 + block, hi)],
         )
 
 

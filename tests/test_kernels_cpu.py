@@ -241,3 +241,31 @@ def test_shared_forward_matches_reference_over_several_blocks(dtype, tol):
     for bank in banks[1:]:
         _assert_same(banks[0], bank, rtol=tol, atol=tol)
     _same_state(banks[1], banks[2])  # serial and prange drivers: the same numbers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gate_tile_sums_like_the_per_sensor_product(dtype):
+    """The register tile (an LLVM IR kernel) and the loops around it give `lstm_math`'s
+    per-sensor gate sums bit for bit: at H=64 (the tile covers the whole block), with rows and
+    columns left over for the loops, and with non-finite inputs."""
+    from numba import njit
+
+    from streamlstm.lstm_block import block_gates
+    from streamlstm.lstm_math import gate_preacts
+
+    @njit
+    def both(W, bias, z, n, n_in, tiled, looped):
+        block_gates(W, bias, z, n, tiled)
+        for r in range(n):
+            gate_preacts(W[:n_in], z[r, :n_in], n_in, W[n_in:], z[r, n_in : W.shape[0]], bias, looped[r])
+
+    rng = np.random.default_rng(3)
+    for H, n_in, n in [(64, 1, 16), (64, 3, 7), (6, 2, 5), (10, 1, 13)]:
+        K, G = n_in + H, 4 * H
+        W = rng.normal(size=(K, G)).astype(dtype)
+        bias = rng.normal(size=G).astype(dtype)
+        z = rng.normal(size=(n, K + 2)).astype(dtype) * 3
+        z[0, 0], z[n - 1, K - 1] = np.nan, np.inf
+        tiled, looped = np.full((n, G), 7.0, dtype), np.empty((n, G), dtype)
+        both(W, bias, z, n, n_in, tiled, looped)
+        np.testing.assert_array_equal(tiled.view(f"u{tiled.itemsize}"), looped.view(f"u{looped.itemsize}"))
