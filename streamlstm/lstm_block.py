@@ -33,7 +33,7 @@ from numba.extending import register_jitable
 from .gate_tile import COLS as TILE_COLS
 from .gate_tile import ROWS as TILE_ROWS
 from .gate_tile import lanes, tile_gates
-from .lstm_math import STATUS_OK, STATUS_RESET, copy_state, reset_slot
+from .lstm_math import STATUS_OK, STATUS_RESET, add_rows, copy_state, reset_slot
 from .prefetch import prefetch_array
 from .scalar_math import clip_value, sigmoid_act, tanh_act
 
@@ -65,44 +65,17 @@ def block_gates(W, bias, z, n, gates):
 
 @register_jitable
 def loop_gates(W, bias, z, r_lo, r_hi, g_lo, g_hi, gates):
-    """block_gates for rows r_lo..r_hi and columns g_lo..g_hi as vectorised loops: four weight
-    rows per pass over the rows, summed in row order (the gates go through memory each pass)."""
+    """block_gates for rows r_lo..r_hi and columns g_lo..g_hi (the tile's leftovers): each row
+    as `lstm_math.add_rows` sums a single sensor, bias then weight rows in order."""
     if r_lo >= r_hi or g_lo >= g_hi:
         return
-    K = W.shape[0]
     b = bias[g_lo:g_hi]
+    Wc = W[:, g_lo:g_hi]
     for r in range(r_lo, r_hi):
         row = gates[r, g_lo:g_hi]
         for g in range(row.shape[0]):
             row[g] = b[g]
-    k = 0
-    while k + 4 <= K:
-        w0 = W[k, g_lo:g_hi]
-        w1 = W[k + 1, g_lo:g_hi]
-        w2 = W[k + 2, g_lo:g_hi]
-        w3 = W[k + 3, g_lo:g_hi]
-        for r in range(r_lo, r_hi):
-            z0 = z[r, k]
-            z1 = z[r, k + 1]
-            z2 = z[r, k + 2]
-            z3 = z[r, k + 3]
-            row = gates[r, g_lo:g_hi]
-            for g in range(row.shape[0]):
-                a = row[g]
-                a += z0 * w0[g]
-                a += z1 * w1[g]
-                a += z2 * w2[g]
-                a += z3 * w3[g]
-                row[g] = a
-        k += 4
-    while k < K:
-        w0 = W[k, g_lo:g_hi]
-        for r in range(r_lo, r_hi):
-            z0 = z[r, k]
-            row = gates[r, g_lo:g_hi]
-            for g in range(row.shape[0]):
-                row[g] += z0 * w0[g]
-        k += 1
+        add_rows(row, Wc, z[r], W.shape[0])
 
 
 @register_jitable
