@@ -447,7 +447,7 @@ def test_demo_end_to_end_with_the_real_daemon(tmp_path):
         with urllib.request.urlopen(url, timeout=10) as r:
             metrics.append(r.read().decode())
 
-    code, out = _run_demo(["streamlstm", "demo", "--duration", "60", "--sensors", "10", "--no-color"],
+    code, out = _run_demo(["streamlstm", "demo", "--duration", "30", "--sensors", "10", "--no-color"],
                           tmp_path / "tmp", tmp_path, on_online=scrape, timeout=280)
     assert code == 0, out
     assert "daemon online" in out
