@@ -172,7 +172,12 @@ class MqttIO:
                                   clean_session=False, manual_ack=True)
         client.read_gate = read_gate
         if cfg.keepalive_s > 0:
-            client.force_read_after_s = cfg.keepalive_s / 2.0
+            # paho gives up when no byte was read for a keepalive after its PINGREQ, and the
+            # PINGRESP waits behind the backlog: only these forced reads show it the connection
+            # lives. A quarter keepalive leaves three quarters for the loop's turns being held up
+            # (GIL hand-offs, long writes of queued publishes); at half, a 2 s keepalive dropped
+            # once in a quiet CI run (tests/test_hostile.py, burst beyond the queue).
+            client.force_read_after_s = cfg.keepalive_s / 4.0
         client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)
         client.max_queued_messages_set(MAX_OUT_QUEUE)
         client.max_inflight_messages_set(MAX_INFLIGHT_OUT)

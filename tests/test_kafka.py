@@ -208,9 +208,11 @@ def test_three_workers_join_leave_crash_and_state_equals_one_process(mosquitto, 
 
     c = daemons(tmp_path / "c", configs["c"], name="c").start()  # joins: a rebalance
     c.wait_ready()
+    # Produce once c holds partitions: records produced during the rebalance could all go to
+    # a and b, and then c would leave no range of its own in the snapshots' histories.
+    wait_for(lambda: assignments(c), 30, what="c got partitions")
     log.produce(2)
     wait_all_seen([a, b, c], 4)
-    wait_for(lambda: assignments(c), 30, what="c got partitions")
 
     assert b.stop() == 0  # leaves gracefully: its partitions are snapshotted, then move
     log.produce(2)
